@@ -1,0 +1,1 @@
+"""Benchmark commands (python -m memflow_train.benchmarks.<name> --help). They print tables and write JSON."""

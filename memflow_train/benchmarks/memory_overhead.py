@@ -1,0 +1,162 @@
+"""Per-chunk streaming cost with memory off, NAM and NAM+SMA, at given chunk positions, side by side.
+
+One chunk = `steps` denoising forwards that read the cache + the clean re-run that writes it,
+exactly the generation loop. The history before the measured chunk is written through the real
+cache protocol (prepare / append, bank recording and retrieval) with random keys/values of the
+right shapes, so chunk 60 is measurable without generating 59 chunks first; the measured chunk
+itself runs the full transformer. Variants alternate inside every repeat so drift hits all alike.
+
+    python -m memflow_train.benchmarks.memory_overhead --num-layers 2 --chunks 5 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from memflow_train.memory import MemoryConfig, StreamingKVCache
+from memflow_train.models.attention import register_attention_backend, sdpa_attention
+from memflow_train.models.causal_wan import CausalWanTransformer, TextContext, cast_keeping_fp32
+from memflow_train.models.presets import wan_config
+
+VARIANTS = {
+    "off": MemoryConfig(enabled=False),
+    "nam": MemoryConfig(),
+    "nam_sma": MemoryConfig(sma=True),
+}
+
+
+def fill_history(cache: StreamingKVCache, text: TextContext, chunks: int, kv_shape: tuple[int, ...]) -> None:
+    """Write `chunks` chunks of random keys/values through the cache protocol."""
+    n = cache.config.num_frame_per_block
+    texts = [text.layer(i) for i in range(len(cache))]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for c in range(chunks):
+        cache.prepare(c * n, n, texts)
+        for i, layer in enumerate(cache.layers):
+            k = torch.randn(kv_shape, generator=gen).to(text.keys[i])
+            v = torch.randn(kv_shape, generator=gen).to(text.keys[i])
+            layer.append(k, v, c * n, n, texts[i])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    config = wan_config(args.preset, num_layers=args.num_layers)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cast_keeping_fp32(CausalWanTransformer(**config), dtype).eval()
+    lh, lw = args.height // 8, args.width // 8
+    tpf = (lh // config["patch_size"][1]) * (lw // config["patch_size"][2])
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+
+    keys_seen: list[int] = []
+
+    def counting_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys_seen.append(k.shape[2])
+        return sdpa_attention(q, k, v)
+
+    register_attention_backend("benchmark-counting", counting_sdpa)
+    model.set_attention_backend("benchmark-counting")
+
+    with torch.no_grad():
+        text = model.encode_text(torch.randn(1, args.text_len, config["text_dim"], device=device, dtype=dtype))
+        caches: dict[tuple[str, int], tuple[StreamingKVCache, dict]] = {}
+        for name in args.variants:
+            mem = replace(VARIANTS[name], num_frame_per_block=args.frames_per_chunk)
+            for chunk in args.chunks:
+                cache = model.new_kv_cache(mem)
+                fill_history(cache, text, chunk, (1, heads, args.frames_per_chunk * tpf, head_dim))
+                caches[(name, chunk)] = (cache, cache.state_dict())
+
+        n = args.frames_per_chunk
+        noisy = torch.randn(1, config["in_channels"], n, lh, lw, device=device, dtype=dtype)
+        timesteps = torch.linspace(1000, 250, args.steps, device=device)
+        times: dict[tuple[str, int], list[float]] = {key: [] for key in caches}
+        attended: dict[tuple[str, int], int] = {}
+        for _ in range(args.repeats):
+            for key, (cache, snapshot) in caches.items():
+                cache.load_state_dict(snapshot)
+                keys_seen.clear()
+                _sync(device)
+                start = time.perf_counter()
+                for t in timesteps:
+                    model.forward_chunk(noisy, t[None], text, cache)
+                model.forward_chunk(noisy, torch.zeros(1, device=device), text, cache, update_cache=True)
+                _sync(device)
+                times[key].append(time.perf_counter() - start)
+                attended[key] = max(keys_seen) // tpf
+
+    rows = []
+    for (name, chunk), ts in times.items():
+        cache, _ = caches[(name, chunk)]
+        seconds = statistics.median(ts)
+        rows.append(
+            {
+                "variant": name,
+                "chunk": chunk,
+                "seconds_per_chunk": seconds,
+                "frames_per_second": n / seconds,
+                "attended_frames": attended[(name, chunk)],
+                "cache_mib": cache.nbytes() / 2**20,
+                "repeats": ts,
+            }
+        )
+    base = {r["chunk"]: r["seconds_per_chunk"] for r in rows if r["variant"] == "off"}
+    first = {r["variant"]: r["seconds_per_chunk"] for r in rows if r["chunk"] == min(args.chunks)}
+    for r in rows:
+        r["vs_off"] = r["seconds_per_chunk"] / base[r["chunk"]] - 1 if r["chunk"] in base else None
+        r["vs_first_chunk"] = r["seconds_per_chunk"] / first[r["variant"]] - 1
+    return rows
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    print(
+        f"preset {args.preset}, {args.num_layers} blocks, {args.height}x{args.width} px, "
+        f"{args.frames_per_chunk} frames/chunk, {args.steps} denoising steps + 1 cache write per chunk, "
+        f"{args.dtype} on {args.device}, median of {args.repeats}"
+    )
+    print("| variant | chunk | s/chunk | latent frames/s | attended frames | cache MiB | vs off | vs first chunk |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        vs_off = "" if r["vs_off"] is None else f"{r['vs_off']:+.1%}"
+        print(
+            f"| {r['variant']} | {r['chunk']} | {r['seconds_per_chunk']:.3f} | {r['frames_per_second']:.2f} "
+            f"| {r['attended_frames']} | {r['cache_mib']:.0f} | {vs_off} | {r['vs_first_chunk']:+.1%} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="wan2.1-t2v-1.3b")
+    parser.add_argument("--num-layers", type=int, default=2, help="transformer blocks (the preset's width/heads)")
+    parser.add_argument("--height", type=int, default=480, help="video height in pixels (latent = /8)")
+    parser.add_argument("--width", type=int, default=832, help="video width in pixels (latent = /8)")
+    parser.add_argument("--text-len", type=int, default=512)
+    parser.add_argument("--frames-per-chunk", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps per chunk")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[5, 60], help="chunk indices to measure")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--json", default=None, help="write the rows here")
+    args = parser.parse_args(argv)
+    rows = run(args)
+    print_table(rows, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

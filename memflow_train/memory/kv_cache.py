@@ -1,0 +1,251 @@
+"""Per-layer streaming KV cache: sink frames + rolling local window (+ NAM bank, SMA) of post-RoPE K/V.
+
+Keys/values are heads-first, (batch, heads, frames * tokens_per_frame, head_dim). The sink and
+the local window hold contiguous runs of absolute frame indices. What one chunk attends to is
+assembled from parts, in temporal order: [sink | memory bank | local window | the chunk].
+
+Protocol, per chunk (the backbone's streaming forward follows it):
+  prepare(...)           once before the chunk: the bank takes in candidates, retrieving with
+                         the current prompt's text keys;
+  kv_for_attention(...)  at every denoising step: the keys/values to attend (read only);
+  append(...)            at the clean re-run: write the chunk, evict, record a bank candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memflow_train.memory.bank import NarrativeMemoryBank
+from memflow_train.memory.config import MemoryConfig
+from memflow_train.memory.relevance import TextKeys
+from memflow_train.memory.sma import select_memory_frames
+from memflow_train.memory.window import AttentionWindow
+
+
+@dataclass
+class FrameRun:
+    """Keys/values of the contiguous frames start .. start + num_frames - 1."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    start: int
+    num_frames: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.num_frames
+
+    def slice(self, lo: int, hi: int) -> FrameRun | None:
+        """The frames of this run inside [lo, hi), or None."""
+        lo, hi = max(lo, self.start), min(hi, self.stop)
+        if lo >= hi:
+            return None
+        if (lo, hi) == (self.start, self.stop):
+            return self
+        tpf = self.k.shape[2] // self.num_frames
+        a, b = (lo - self.start) * tpf, (hi - self.start) * tpf
+        return FrameRun(self.k[:, :, a:b], self.v[:, :, a:b], lo, hi - lo)
+
+    def append(self, other: FrameRun, keep_last: int | None) -> FrameRun:
+        if other.start != self.stop:
+            raise ValueError(f"frames must be appended in order: run ends at {self.stop}, got {other.start}")
+        k, v = torch.cat([self.k, other.k], 2), torch.cat([self.v, other.v], 2)
+        run = FrameRun(k, v, self.start, self.num_frames + other.num_frames)
+        if keep_last is not None and run.num_frames > keep_last:
+            run = run.slice(run.stop - keep_last, run.stop)
+        return run
+
+    def frames_view(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, H, F*T, D) -> (B, H, F, T, D)."""
+        return t.unflatten(2, (self.num_frames, -1))
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+
+
+class LayerKVCache:
+    """The frames one self-attention layer can still attend to, and how they are evicted."""
+
+    def __init__(self, config: MemoryConfig) -> None:
+        self.config = config
+        self.window = config.window
+        self.bank = NarrativeMemoryBank(config) if config.enabled else None
+        self.sink: FrameRun | None = None
+        self.local: FrameRun | None = None
+        self.next_frame = 0
+        self.floor = 0  # window frames below this were dropped by a rewind and are not expected
+
+    def reset(self) -> None:
+        self.sink = self.local = None
+        self.next_frame = self.floor = 0
+        if self.bank is not None:
+            self.bank.reset()
+
+    def visible_runs(self, chunk_start: int, num_frames: int) -> tuple[list[FrameRun], list[FrameRun]]:
+        """Cached runs the chunk [chunk_start, chunk_start + num_frames) sees: (sink outside the window, window)."""
+        if chunk_start > self.next_frame:
+            raise ValueError(f"chunk starts at frame {chunk_start} but only {self.next_frame} frames were cached")
+        ranges = self.window.visible_ranges(chunk_start + num_frames)
+        groups: list[list[FrameRun]] = []
+        needed = found = 0
+        for i, (lo, hi) in enumerate(ranges):
+            hi = min(hi, chunk_start)
+            if i == len(ranges) - 1:
+                lo = max(lo, self.floor)
+            needed += max(0, hi - lo)
+            # The sink only serves frames the local window no longer (or not yet) holds.
+            sink_hi = min(hi, self.local.start) if self.local is not None else hi
+            group = [
+                piece
+                for part, (a, b) in ((self.sink, (lo, sink_hi)), (self.local, (lo, hi)))
+                if part is not None and (piece := part.slice(a, b)) is not None
+            ]
+            found += sum(r.num_frames for r in group)
+            groups.append(group)
+        if found != needed:
+            raise RuntimeError(
+                f"chunk at frame {chunk_start} needs {needed} cached frames that were evicted or never written"
+            )
+        return (groups[0], groups[1]) if len(groups) == 2 else ([], groups[0])
+
+    def prepare(self, chunk_start: int, num_frames: int, text: TextKeys | None) -> None:
+        """Before a chunk: candidates whose chunk left the window join the bank (retrieval by `text`)."""
+        if self.bank is not None:
+            window_start = self.window.visible_ranges(chunk_start + num_frames)[-1][0]
+            self.bank.commit(window_start, text)
+
+    def kv_for_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_start: int, num_frames: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values the chunk's queries q attend to: [sink | memory | window | the chunk itself]."""
+        sink_runs, window_runs = self.visible_runs(chunk_start, num_frames)
+        keys = [r.k for r in sink_runs]
+        values = [r.v for r in sink_runs]
+        bank = self.bank
+        memory_k = [bank.k] if bank is not None and len(bank) else []
+        memory_v = [bank.v] if bank is not None and len(bank) else []
+        if bank is not None and self.config.sma:
+            if self.config.sma_include_sink:  # sink frames compete with bank frames for the top-k
+                memory_k = [r.frames_view(r.k) for r in sink_runs] + memory_k
+                memory_v = [r.frames_view(r.v) for r in sink_runs] + memory_v
+                keys, values = [], []
+            if memory_k:
+                mk, mv, _ = select_memory_frames(q, _cat(memory_k), _cat(memory_v), self.config.sma_topk)
+                keys.append(mk)
+                values.append(mv)
+        elif memory_k:
+            keys.append(bank.k.flatten(2, 3))
+            values.append(bank.v.flatten(2, 3))
+        keys += [r.k for r in window_runs] + [k]
+        values += [r.v for r in window_runs] + [v]
+        return _cat(keys), _cat(values)
+
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor, chunk_start: int, num_frames: int, text: TextKeys | None = None
+    ) -> None:
+        """Write a chunk's keys/values (detached), evict what no later chunk can see, record a candidate."""
+        if chunk_start != self.next_frame:
+            raise ValueError(f"the cache expects frame {self.next_frame} next, got a chunk at {chunk_start}")
+        run = FrameRun(k.detach(), v.detach(), chunk_start, num_frames)
+        w = self.window
+        if w.bounded and chunk_start < w.sink_size:
+            sink_part = run.slice(0, w.sink_size)
+            self.sink = sink_part if self.sink is None else self.sink.append(sink_part, None)
+        self.local = run if self.local is None else self.local.append(run, w.cached_window_frames)
+        if w.cached_window_frames == 0:
+            self.local = None
+        self.next_frame = chunk_start + num_frames
+        if self.bank is not None:
+            self.bank.record(run.k, run.v, chunk_start, num_frames, text)
+
+    def rewind(self, frame: int) -> None:
+        """Drop cached frames >= frame so they can be re-encoded (recache after a prompt switch).
+
+        Frames the window had already evicted stay gone: the replayed chunks see the sink, the
+        bank and the frames replayed before them (LongLive's recache attends the same way).
+        """
+        if frame > self.next_frame:
+            raise ValueError(f"cannot rewind to frame {frame}: only {self.next_frame} frames were cached")
+        if self.bank is not None:
+            self.bank.rewind(frame)
+        self.sink = self.sink.slice(0, frame) if self.sink is not None else None
+        self.local = self.local.slice(self.local.start, frame) if self.local is not None else None
+        self.floor = self.local.start if self.local is not None else frame
+        self.next_frame = frame
+
+    def tensors(self) -> list[torch.Tensor]:
+        own = [t for part in (self.sink, self.local) if part is not None for t in (part.k, part.v)]
+        return own + (self.bank.tensors() if self.bank is not None else [])
+
+    def state_dict(self) -> dict:
+        def dump(run: FrameRun | None) -> dict | None:
+            return None if run is None else {"k": run.k, "v": run.v, "start": run.start, "num_frames": run.num_frames}
+
+        state = {"sink": dump(self.sink), "local": dump(self.local), "next_frame": self.next_frame, "floor": self.floor}
+        if self.bank is not None:
+            state["bank"] = self.bank.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        def load(d: dict | None) -> FrameRun | None:
+            return None if d is None else FrameRun(d["k"], d["v"], int(d["start"]), int(d["num_frames"]))
+
+        if ("bank" in state) != (self.bank is not None):
+            raise ValueError("cache state and cache disagree on whether the memory bank is enabled")
+        self.sink, self.local = load(state["sink"]), load(state["local"])
+        self.next_frame, self.floor = int(state["next_frame"]), int(state["floor"])
+        if self.bank is not None:
+            self.bank.load_state_dict(state["bank"])
+
+
+class StreamingKVCache:
+    """One LayerKVCache per transformer block, advanced together."""
+
+    def __init__(self, num_layers: int, config: MemoryConfig | AttentionWindow) -> None:
+        if isinstance(config, AttentionWindow):
+            config = MemoryConfig(
+                enabled=False,
+                sink_size=config.sink_size,
+                local_attn_size=config.local_attn_size,
+                num_frame_per_block=config.num_frame_per_block,
+            )
+        self.config = config
+        self.window = config.window
+        self.layers = [LayerKVCache(config) for _ in range(num_layers)]
+
+    def __getitem__(self, i: int) -> LayerKVCache:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def next_frame(self) -> int:
+        return self.layers[0].next_frame
+
+    def prepare(self, chunk_start: int, num_frames: int, texts: list[TextKeys] | None) -> None:
+        for i, layer in enumerate(self.layers):
+            layer.prepare(chunk_start, num_frames, texts[i] if texts is not None else None)
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+    def rewind(self, frame: int) -> None:
+        for layer in self.layers:
+            layer.rewind(frame)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+
+    def state_dict(self) -> dict:
+        return {"layers": [layer.state_dict() for layer in self.layers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["layers"]) != len(self.layers):
+            raise ValueError(f"state has {len(state['layers'])} layers, cache has {len(self.layers)}")
+        for layer, s in zip(self.layers, state["layers"], strict=True):
+            layer.load_state_dict(s)

@@ -1,0 +1,360 @@
+"""Causal streaming Wan2.1 transformer.
+
+Parameter names and shapes are exactly those of diffusers' WanTransformer3DModel (the blocks
+reuse its attention, feed-forward and norm modules), so diffusers folders load with
+`from_pretrained` and state dicts move between the two without renaming. What differs is the
+forward: per-frame timesteps, RoPE at absolute frame indices, and three self-attention
+patterns over the same weights:
+
+- bidirectional full sequence (teacher, critic),
+- block-causal full sequence with sink + local window (generator training without cache),
+- streaming: one chunk at a time against a per-layer KV cache (generation, self-forcing).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import FeedForward
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import WanAttention, WanTimeTextImageEmbedding
+from torch.utils.checkpoint import checkpoint
+
+from memflow_train.memory.config import MemoryConfig
+from memflow_train.memory.kv_cache import StreamingKVCache
+from memflow_train.memory.relevance import TextKeys
+from memflow_train.memory.window import AttentionWindow
+from memflow_train.models.attention import get_attention_backend, sdpa_attention
+from memflow_train.models.rope import WanRope3D, apply_rotary
+
+# attend(q, k, v) -> out for the current call's self-attention, heads-first tensors.
+SelfAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TextContext:
+    """Cross-attention keys/values of one prompt (batch), per layer, computed once and reused.
+
+    mask marks real (non-padding) text tokens; Wan itself attends to all tokens, the memory
+    uses the mask to score frames against the prompt.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor | None = None
+
+    def layer(self, i: int) -> TextKeys:
+        return TextKeys(self.keys[i], self.mask)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, H*D) -> (B, H, S, D)."""
+    return x.unflatten(2, (heads, -1)).transpose(1, 2)
+
+
+def _per_frame(x: torch.Tensor, frames: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply fn to x viewed as (B, frames, tokens_per_frame, D), for per-frame modulation."""
+    return fn(x.unflatten(1, (frames, -1))).flatten(1, 2)
+
+
+class CausalWanBlock(torch.nn.Module):
+    """One Wan block (same submodules as diffusers' WanTransformerBlock) with per-frame modulation."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, cross_attn_norm: bool, eps: float) -> None:
+        super().__init__()
+        head_dim = dim // num_heads
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn1 = WanAttention(dim=dim, heads=num_heads, dim_head=head_dim, eps=eps)
+        self.attn2 = WanAttention(
+            dim=dim, heads=num_heads, dim_head=head_dim, eps=eps, cross_attention_dim_head=head_dim
+        )
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else torch.nn.Identity()
+        self.ffn = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu-approximate")
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.scale_shift_table = torch.nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.heads = num_heads
+
+    def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.attn2.norm_k(self.attn2.to_k(context))
+        return _heads(k, self.heads), _heads(self.attn2.to_v(context), self.heads)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        text_k: torch.Tensor,
+        text_v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attend: SelfAttend,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, F*T, D); e: (B, F, 6, D) modulation. Returns x and this call's post-RoPE self-attn K, V."""
+        frames = e.shape[1]
+        mod = (self.scale_shift_table.unsqueeze(0) + e.float()).unsqueeze(3)  # (B, F, 6, 1, D)
+        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = mod.unbind(2)
+
+        # 1. Self-attention (norm and modulation in fp32, as Wan does).
+        h = _per_frame(self.norm1(x.float()), frames, lambda t: t * (1 + scale_msa) + shift_msa).type_as(x)
+        a = self.attn1
+        q = apply_rotary(_heads(a.norm_q(a.to_q(h)), self.heads), cos, sin)
+        k = apply_rotary(_heads(a.norm_k(a.to_k(h)), self.heads), cos, sin)
+        v = _heads(a.to_v(h), self.heads)
+        out = attend(q, k, v).transpose(1, 2).flatten(2).type_as(q)
+        out = a.to_out[1](a.to_out[0](out))
+        x = (x.float() + _per_frame(out, frames, lambda t: t * gate_msa)).type_as(x)
+
+        # 2. Cross-attention to the prompt.
+        h = self.norm2(x.float()).type_as(x)
+        c = self.attn2
+        q = _heads(c.norm_q(c.to_q(h)), self.heads)
+        out = sdpa_attention(q, text_k, text_v).transpose(1, 2).flatten(2).type_as(q)
+        x = x + c.to_out[1](c.to_out[0](out))
+
+        # 3. Feed-forward.
+        h = _per_frame(self.norm3(x.float()), frames, lambda t: t * (1 + c_scale) + c_shift).type_as(x)
+        ff = self.ffn(h)
+        x = (x.float() + _per_frame(ff.float(), frames, lambda t: t * c_gate)).type_as(x)
+        return x, k, v
+
+
+class CausalWanTransformer(ModelMixin, ConfigMixin):
+    """Wan2.1 text-to-video transformer with bidirectional, block-causal and streaming forwards.
+
+    The constructor takes diffusers' WanTransformer3DModel config (so `from_pretrained` reads
+    a diffusers folder as is); image conditioning (I2V) is not supported.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["CausalWanBlock"]
+    _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
+    _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm"]
+    _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, int, int] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = None,
+        added_kv_proj_dim: int | None = None,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+    ) -> None:
+        super().__init__()
+        if image_dim is not None or added_kv_proj_dim is not None or pos_embed_seq_len is not None:
+            raise NotImplementedError("image-conditioned Wan (I2V/FLF2V) is not supported: text-to-video only")
+        if qk_norm != "rms_norm_across_heads":
+            raise ValueError(f"qk_norm must be 'rms_norm_across_heads' (Wan2.1), got {qk_norm!r}")
+        inner_dim = num_attention_heads * attention_head_dim
+        out_channels = out_channels or in_channels
+
+        # rope_max_seq_len is kept for config compatibility: positions here are computed, not tabulated.
+        self.rope = WanRope3D(attention_head_dim)
+        self.patch_embedding = torch.nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
+        self.condition_embedder = WanTimeTextImageEmbedding(
+            dim=inner_dim, time_freq_dim=freq_dim, time_proj_dim=inner_dim * 6, text_embed_dim=text_dim
+        )
+        self.blocks = torch.nn.ModuleList(
+            CausalWanBlock(inner_dim, ffn_dim, num_attention_heads, cross_attn_norm, eps) for _ in range(num_layers)
+        )
+        self.norm_out = FP32LayerNorm(inner_dim, eps, elementwise_affine=False)
+        self.proj_out = torch.nn.Linear(inner_dim, out_channels * math.prod(patch_size))
+        self.scale_shift_table = torch.nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
+
+        self.gradient_checkpointing = False
+        self.attention_backend = "sdpa"
+
+    # ----------------------------------------------------------------------------------- helpers
+
+    def set_attention_backend(self, name: str) -> None:
+        """Self-attention kernel by registered name (see memflow_train.models.attention)."""
+        get_attention_backend(name)
+        self.attention_backend = name
+
+    def new_kv_cache(self, config: MemoryConfig | AttentionWindow) -> StreamingKVCache:
+        """An empty streaming cache for this model: sink + window, plus NAM/SMA if config enables them."""
+        return StreamingKVCache(len(self.blocks), config)
+
+    def encode_text(self, text_states: torch.Tensor, mask: torch.Tensor | None = None) -> TextContext:
+        """Per-layer cross-attention K/V of text encoder states (B, L, text_dim): compute once per prompt."""
+        context = self.condition_embedder.text_embedder(text_states)
+        kv = [block.text_kv(context) for block in self.blocks]
+        return TextContext([k for k, _ in kv], [v for _, v in kv], mask)
+
+    def _as_text(self, text: torch.Tensor | TextContext) -> TextContext:
+        return text if isinstance(text, TextContext) else self.encode_text(text)
+
+    def _time_embedding(self, timestep: torch.Tensor, batch: int, frames: int, dtype: torch.dtype):
+        """Per-frame temb (B, F, D) and block modulation (B, F, 6, D) from timesteps (B,) or (B, F)."""
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch)
+        if timestep.ndim == 1:
+            timestep = timestep[:, None].expand(batch, frames)
+        if timestep.shape != (batch, frames):
+            raise ValueError(f"timestep must be (B,) or (B, F) = ({batch}, {frames}), got {tuple(timestep.shape)}")
+        ce = self.condition_embedder
+        t = ce.timesteps_proj(timestep.reshape(-1))
+        embedder_dtype = next(ce.time_embedder.parameters()).dtype
+        temb = ce.time_embedder(t.to(embedder_dtype)).to(dtype)
+        e = ce.time_proj(ce.act_fn(temb))
+        return temb.unflatten(0, (batch, frames)), e.unflatten(0, (batch, frames)).unflatten(2, (6, -1))
+
+    def _patchify(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        if hidden_states.ndim != 5:
+            raise ValueError(f"expected latents (B, C, F, H, W), got shape {tuple(hidden_states.shape)}")
+        p_t, p_h, p_w = self.config.patch_size
+        _, c, f, h, w = hidden_states.shape
+        if c != self.config.in_channels or f % p_t or h % p_h or w % p_w:
+            raise ValueError(
+                f"latents (C={c}, F={f}, H={h}, W={w}) do not fit in_channels={self.config.in_channels} "
+                f"and patch_size={tuple(self.config.patch_size)}"
+            )
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+        return x, (f // p_t, h // p_h, w // p_w)
+
+    def _unpatchify(self, x: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        f, h, w = grid
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unsqueeze(3).unbind(2)
+        x = _per_frame(self.norm_out(x.float()), f, lambda t: t * (1 + scale) + shift).type_as(x)
+        x = self.proj_out(x)
+        p_t, p_h, p_w = self.config.patch_size
+        x = x.reshape(x.shape[0], f, h, w, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    def _run(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        text: TextContext,
+        frame_offset: int,
+        make_attend: Callable[[int, int, int], SelfAttend],
+        on_layer_kv: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Shared body of every forward. make_attend(layer, frames, tokens_per_frame) picks the pattern."""
+        x, grid = self._patchify(hidden_states)
+        f, h, w = grid
+        temb, e = self._time_embedding(timestep, x.shape[0], f, x.dtype)
+        frames = torch.arange(frame_offset, frame_offset + f, device=x.device)
+        cos, sin = self.rope(frames, h, w)
+        for i, block in enumerate(self.blocks):
+            attend = make_attend(i, f, h * w)
+            args = (x, e, text.keys[i], text.values[i], cos, sin, attend)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, k, v = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x, k, v = block(*args)
+            if on_layer_kv is not None:
+                on_layer_kv(i, k, v)
+        return self._unpatchify(x, temb, grid)
+
+    # ----------------------------------------------------------------------------------- forwards
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor | TextContext,
+        window: AttentionWindow | None = None,
+        frame_offset: int = 0,
+    ) -> torch.Tensor:
+        """Full-sequence flow prediction for latents (B, C, F, H, W).
+
+        window=None: bidirectional attention. Otherwise block-causal: each chunk of
+        window.num_frame_per_block frames attends to its sink and local window, exactly what
+        streaming the same frames chunk by chunk would see. frame_offset is the absolute index
+        of the first frame (RoPE position and chunk grid).
+        """
+        attn = get_attention_backend(self.attention_backend)
+        if window is None:
+            return self._run(hidden_states, timestep, self._as_text(text), frame_offset, lambda i, f, t: attn)
+        if hidden_states.shape[2] % window.num_frame_per_block:
+            raise ValueError(
+                f"{hidden_states.shape[2]} frames are not a whole number of chunks of {window.num_frame_per_block}"
+            )
+        make = partial(_block_causal_attend, attn=attn, window=window, frame_offset=frame_offset)
+        return self._run(hidden_states, timestep, self._as_text(text), frame_offset, make)
+
+    def forward_chunk(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor | TextContext,
+        cache: StreamingKVCache,
+        frame_offset: int | None = None,
+        update_cache: bool = False,
+    ) -> torch.Tensor:
+        """Streaming flow prediction for one chunk (B, C, F, H, W) at absolute frame frame_offset.
+
+        The chunk attends to what the cache assembles (sink, memory, local window) plus itself.
+        With update_cache=True its keys/values are written to the cache afterwards (the clean
+        re-run at timestep 0 does this); the denoising steps only read it. Before the chunk,
+        the cache's memory takes in pending frames, retrieving with this text's keys: at a
+        prompt switch, the new prompt's. frame_offset defaults to the cache's next frame.
+        """
+        if self.config.patch_size[0] != 1:
+            raise ValueError("streaming needs temporal patch size 1")
+        offset = cache.next_frame if frame_offset is None else frame_offset
+        frames = hidden_states.shape[2]
+        text = self._as_text(text)
+        attn = get_attention_backend(self.attention_backend)
+        cache.prepare(offset, frames, [text.layer(i) for i in range(len(self.blocks))])
+
+        def make_attend(i: int, f: int, tpf: int) -> SelfAttend:
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return attn(q, *cache[i].kv_for_attention(q, k, v, offset, frames))
+
+            return attend
+
+        def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            cache[i].append(k, v, offset, frames, text.layer(i))
+
+        return self._run(hidden_states, timestep, text, offset, make_attend, write if update_cache else None)
+
+
+def cast_keeping_fp32(model: CausalWanTransformer, dtype: torch.dtype) -> CausalWanTransformer:
+    """Cast parameters to dtype, keeping norms, time embedder and modulation tables in fp32 as Wan does."""
+    keep = set(model._keep_in_fp32_modules)
+    for name, param in model.named_parameters():
+        target = torch.float32 if keep & set(name.split(".")) else dtype
+        if param.dtype != target:
+            param.data = param.data.to(target)
+    return model
+
+
+def _block_causal_attend(
+    layer: int, frames: int, tpf: int, *, attn, window: AttentionWindow, frame_offset: int
+) -> SelfAttend:
+    """Block-causal self-attention as one attention call per chunk over its visible key frames.
+
+    Exact (no mask materialised) and memory-light: keys are gathered per chunk, like the cache does.
+    """
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = window.num_frame_per_block
+        outs = []
+        for c in range(0, frames, n):
+            ranges = window.visible_ranges(frame_offset + c + n)
+            idx = [(max(lo - frame_offset, 0) * tpf, (hi - frame_offset) * tpf) for lo, hi in ranges]
+            idx = [(a, b) for a, b in idx if b > a]
+            kc = torch.cat([k[:, :, a:b] for a, b in idx], 2)
+            vc = torch.cat([v[:, :, a:b] for a, b in idx], 2)
+            outs.append(attn(q[:, :, c * tpf : (c + n) * tpf], kc, vc))
+        return torch.cat(outs, 2)
+
+    return attend

@@ -1,0 +1,276 @@
+"""One loader for the Wan transformer weights users arrive with.
+
+Accepted sources:
+- a diffusers folder (WanTransformer3DModel `save_pretrained`, or a pipeline folder with `transformer/`),
+- an original-format Wan2.1 folder (`config.json` with dim/num_heads, original key names),
+- a single weights file (.safetensors / .pt / .pth / .bin) in diffusers or original key names,
+- a LongLive / Self-Forcing / MemFlow training checkpoint: a dict with `generator_ema`, `generator`
+  or `model` entries whose keys carry the wrapper's `model.` prefix (and FSDP / compile
+  wrapper pieces), optionally with a `generator_lora` PEFT state, or with LoRA in a second file.
+
+Original key names go through diffusers' own single-file conversion. Every source is checked
+against the architecture before any weight is copied; a mismatch raises CheckpointMismatchError
+listing the missing, unexpected and wrongly shaped keys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from memflow_train.models.causal_wan import CausalWanTransformer, cast_keeping_fp32
+from memflow_train.models.presets import wan_config
+
+# Entries of a training checkpoint that hold generator weights, in order of preference.
+GENERATOR_KEYS = ("generator_ema", "generator", "model", "state_dict", "module")
+LORA_KEYS = ("generator_lora", "lora")
+# Name pieces added by wrappers (FSDP, activation checkpointing, torch.compile, DDP).
+_WRAPPER_PIECES = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|module)\.")
+_MODEL_PREFIXES = ("base_model.model.", "model.diffusion_model.", "model.", "transformer.")
+
+
+class CheckpointMismatchError(ValueError):
+    """The weights do not fit the architecture; the message lists every offending key."""
+
+    def __init__(self, source: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+
+        def block(title: str, keys: list[str]) -> str:
+            return f"\n  {title} ({len(keys)}):" + "".join(f"\n    {k}" for k in keys) if keys else ""
+
+        super().__init__(
+            f"weights from {source} do not match the Wan architecture:"
+            + block("missing keys", missing)
+            + block("unexpected keys", unexpected)
+            + block("wrongly shaped keys (expected vs found)", mismatched)
+        )
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def read_weights(path: str | Path) -> dict[str, Any]:
+    """Load a .safetensors file or a torch pickle (tensors and plain containers only) on CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickles with custom classes are refused by weights_only on purpose
+        raise ValueError(f"cannot read {path} as a torch checkpoint of tensors: {err}") from err
+
+
+def _is_tensor_dict(d: Any) -> bool:
+    return isinstance(d, dict) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def split_checkpoint(ckpt: dict[str, Any], key: str | None = None) -> tuple[dict, dict | None, str]:
+    """Pick the generator weights (and a LoRA state, if present) out of a training checkpoint."""
+    lora = next((ckpt[k] for k in LORA_KEYS if _is_tensor_dict(ckpt.get(k))), None)
+    if key is not None:
+        if not _is_tensor_dict(ckpt.get(key)):
+            raise KeyError(f"checkpoint has no tensor entry {key!r}; top-level keys: {sorted(ckpt)}")
+        return ckpt[key], lora, key
+    for k in GENERATOR_KEYS:
+        if _is_tensor_dict(ckpt.get(k)):
+            return ckpt[k], lora, k
+    if _is_tensor_dict(ckpt):
+        return ckpt, None, ""
+    if lora is not None:
+        raise ValueError("checkpoint holds only a LoRA state: pass the base weights as source and this file as lora")
+    raise ValueError(f"no generator weights found; top-level keys: {sorted(ckpt)}")
+
+
+def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip wrapper pieces and the wrapper's model prefix; convert original Wan names to diffusers names."""
+    out = {}
+    for name, tensor in state.items():
+        name = _WRAPPER_PIECES.sub(r"\1", name)
+        for prefix in _MODEL_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                break
+        out[name.replace(".default.", ".")] = tensor  # PEFT adapter name
+    if any(k.startswith("head.") or ".self_attn." in k or ".cross_attn." in k for k in out):
+        out = convert_wan_transformer_to_diffusers(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+
+
+def merge_lora(
+    state: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], alpha: float | None = None
+) -> dict[str, torch.Tensor]:
+    """Fold PEFT LoRA pairs into the base weights: W + (alpha / r) * B @ A.
+
+    PEFT state dicts do not store alpha; LongLive and MemFlow train with alpha = rank (scale 1),
+    which is the default here.
+    """
+    lora = normalize_keys(lora)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in lora.items():
+        m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", name)
+        if m is None:
+            raise ValueError(f"unsupported LoRA entry {name!r}: only lora_A/lora_B weights of Linear layers merge")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = t
+    merged = dict(state)
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"LoRA for {module} lacks its lora_{'B' if 'A' in ab else 'A'} weight")
+        target = f"{module}.weight"
+        if target not in merged:
+            raise CheckpointMismatchError("the LoRA state", [], [f"{module}.lora_A.weight (no base {target})"], [])
+        a, b = ab["A"].float(), ab["B"].float()
+        scale = (alpha if alpha is not None else a.shape[0]) / a.shape[0]
+        w = merged[target]
+        if (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise CheckpointMismatchError(
+                "the LoRA state", [], [], [f"{module}: base {tuple(w.shape)} vs B@A {(b.shape[0], a.shape[1])}"]
+            )
+        merged[target] = (w.float() + scale * (b @ a)).to(w.dtype)
+    return merged
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def check_state_dict(model: torch.nn.Module, shapes: dict[str, torch.Size], source: str) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    ignored = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(k for k in set(shapes) - set(expected) if not any(p in k for p in ignored))
+    mismatched = sorted(
+        f"{k}: {tuple(expected[k])} vs {tuple(shapes[k])}"
+        for k in set(expected) & set(shapes)
+        if tuple(expected[k]) != tuple(shapes[k])
+    )
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(source, missing, unexpected, mismatched)
+
+
+def infer_wan_config(state: dict[str, torch.Tensor], attention_head_dim: int = 128) -> dict[str, Any]:
+    """Architecture from diffusers-named weights (head dim is not recoverable from shapes: Wan uses 128)."""
+    try:
+        patch = state["patch_embedding.weight"]
+        if patch.shape[0] % attention_head_dim:
+            raise ValueError(
+                f"model width {patch.shape[0]} is not a multiple of head dim {attention_head_dim}: pass config explicitly"
+            )
+        blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
+        dim = patch.shape[0]
+        return wan_config(
+            "wan2.1-t2v-1.3b",
+            patch_size=tuple(patch.shape[2:]),
+            in_channels=patch.shape[1],
+            out_channels=state["proj_out.weight"].shape[0] // patch.shape[2:].numel(),
+            text_dim=state["condition_embedder.text_embedder.linear_1.weight"].shape[1],
+            freq_dim=state["condition_embedder.time_embedder.linear_1.weight"].shape[1],
+            ffn_dim=state["blocks.0.ffn.net.0.proj.weight"].shape[0],
+            num_layers=max(blocks) + 1,
+            num_attention_heads=dim // attention_head_dim,
+            attention_head_dim=attention_head_dim,
+            cross_attn_norm="blocks.0.norm2.weight" in state,
+        )
+    except KeyError as err:
+        raise ValueError(f"cannot infer the Wan architecture: weights lack {err}; pass config explicitly") from err
+
+
+def _original_folder_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Translate an original Wan2.1 config.json (WanModel) into diffusers' config keys."""
+    if cfg.get("model_type", "t2v") != "t2v":
+        raise NotImplementedError(f"only text-to-video Wan is supported, not model_type={cfg['model_type']!r}")
+    return wan_config(
+        "wan2.1-t2v-1.3b",
+        num_attention_heads=cfg["num_heads"],
+        attention_head_dim=cfg["dim"] // cfg["num_heads"],
+        ffn_dim=cfg["ffn_dim"],
+        num_layers=cfg["num_layers"],
+        in_channels=cfg.get("in_dim", 16),
+        out_channels=cfg.get("out_dim", 16),
+        freq_dim=cfg.get("freq_dim", 256),
+        text_dim=cfg.get("text_dim", 4096),
+        eps=cfg.get("eps", 1e-6),
+    )
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _from_state(
+    state: dict[str, torch.Tensor], config: dict[str, Any], source: str, dtype: torch.dtype | None
+) -> CausalWanTransformer:
+    with torch.device("meta"):
+        model = CausalWanTransformer(**config)
+    check_state_dict(model, {k: v.shape for k, v in state.items()}, source)
+    expected = model.state_dict().keys()
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True, assign=True)
+    return cast_keeping_fp32(model, dtype if dtype is not None else torch.float32)
+
+
+def _folder_shapes(folder: Path) -> dict[str, torch.Size]:
+    shapes = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as sf:
+            for k in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
+                shapes[k] = torch.Size(sf.get_slice(k).get_shape())
+    return shapes
+
+
+def load_transformer(
+    source: str | Path,
+    config: dict[str, Any] | str | None = None,
+    *,
+    checkpoint_key: str | None = None,
+    lora: str | Path | None = None,
+    lora_alpha: float | None = None,
+    dtype: torch.dtype | None = None,
+) -> CausalWanTransformer:
+    """Build a CausalWanTransformer from any supported weight source (see module docstring).
+
+    config: architecture (a preset name or diffusers config keys) for single files; folders
+    carry their own. Without it, a file's architecture is inferred from its shapes.
+    checkpoint_key: which entry of a training checkpoint to use (default: generator_ema,
+    then generator, then model). lora: a LoRA state file to merge (a `generator_lora` entry of
+    the checkpoint itself is merged too); lora_alpha defaults to the rank (scale 1).
+    """
+    source = Path(source)
+    if isinstance(config, str):
+        config = wan_config(config)
+    if source.is_dir():
+        folder = source / "transformer" if (source / "transformer" / "config.json").is_file() else source
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{source} is a folder without config.json (or transformer/config.json)")
+        folder_cfg = json.loads((folder / "config.json").read_text())
+        if "num_heads" in folder_cfg and "dim" in folder_cfg:  # original Wan2.1 release folder
+            state: dict[str, torch.Tensor] = {}
+            for f in sorted(folder.glob("*.safetensors")):
+                state.update(load_file(f))
+            model = _from_state(normalize_keys(state), _original_folder_config(folder_cfg), str(folder), dtype)
+        else:
+            with torch.device("meta"):
+                skeleton = CausalWanTransformer.from_config(CausalWanTransformer.load_config(folder))
+            check_state_dict(skeleton, _folder_shapes(folder), str(folder))
+            model = CausalWanTransformer.from_pretrained(folder, torch_dtype=dtype or torch.float32)
+        lora_state = None
+    else:
+        state, lora_state, _ = split_checkpoint(read_weights(source), checkpoint_key)
+        state = normalize_keys(state)
+        if lora_state is not None:
+            state = merge_lora(state, lora_state, lora_alpha)
+        model = _from_state(state, config or infer_wan_config(state), str(source), dtype)
+    if lora is not None:
+        extra = read_weights(lora)
+        extra = next((extra[k] for k in LORA_KEYS if _is_tensor_dict(extra.get(k))), extra)
+        merged = merge_lora(dict(model.state_dict()), extra, lora_alpha)
+        model.load_state_dict(merged, strict=True)
+    return model

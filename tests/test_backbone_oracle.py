@@ -1,0 +1,116 @@
+"""The causal backbone against diffusers' WanTransformer3DModel (the oracle), same random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from memflow_train.models.attention import register_attention_backend
+from memflow_train.models.causal_wan import CausalWanTransformer
+from memflow_train.models.presets import wan_config
+from tests.wan_helpers import tiny_inputs
+
+
+@pytest.fixture
+def pair() -> tuple[WanTransformer3DModel, CausalWanTransformer]:
+    ref = WanTransformer3DModel(**wan_config("tiny")).eval()
+    ours = CausalWanTransformer(**wan_config("tiny")).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+@torch.no_grad()
+def test_bidirectional_equals_diffusers_scalar_timestep(pair) -> None:
+    ref, ours = pair
+    x, _, text = tiny_inputs(batch=2, frames=5)
+    t = torch.tensor([999.0, 17.0])
+    expected = ref(x, t, text, return_dict=False)[0]
+    assert (ours(x, t, text) - expected).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_per_frame_timesteps_equal_diffusers_per_token_timesteps(pair) -> None:
+    ref, ours = pair
+    x, t, text = tiny_inputs(batch=2, frames=4, height=4, width=6)
+    tokens_per_frame = (4 // 2) * (6 // 2)
+    expected = ref(x, t.repeat_interleave(tokens_per_frame, dim=1), text, return_dict=False)[0]
+    assert (ours(x, t, text) - expected).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_text_context_reuse_equals_raw_text(pair) -> None:
+    _, ours = pair
+    x, t, text = tiny_inputs()
+    assert torch.equal(ours(x, t, ours.encode_text(text)), ours(x, t, text))
+
+
+@torch.no_grad()
+def test_registered_attention_backend_is_used_and_matches_sdpa(pair) -> None:
+    _, ours = pair
+    calls = []
+
+    def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        calls.append(q.shape)
+        w = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        return w @ v
+
+    register_attention_backend("test-reference", reference_attention)
+    x, t, text = tiny_inputs()
+    expected = ours(x, t, text)
+    ours.set_attention_backend("test-reference")
+    got = ours(x, t, text)
+    assert len(calls) == len(ours.blocks)
+    assert (got - expected).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        ours.set_attention_backend("no-such-kernel")
+
+
+def test_gradient_checkpointing_gives_identical_gradients(pair) -> None:
+    _, ours = pair
+    x, t, text = tiny_inputs()
+
+    def grads() -> list[torch.Tensor]:
+        ours.zero_grad()
+        ours(x, t, text).square().mean().backward()
+        return [p.grad.clone() for p in ours.parameters()]
+
+    plain = grads()
+    ours.enable_gradient_checkpointing()
+    assert ours.gradient_checkpointing
+    checkpointed = grads()
+    for a, b in zip(plain, checkpointed, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@torch.no_grad()
+def test_bf16_forward_keeps_fp32_norms_and_stays_close(pair) -> None:
+    _, ours = pair
+    x, t, text = tiny_inputs()
+    expected = ours(x, t, text)
+    from memflow_train.models.causal_wan import cast_keeping_fp32
+
+    cast_keeping_fp32(ours, torch.bfloat16)
+    assert ours.scale_shift_table.dtype == torch.float32
+    assert ours.blocks[0].scale_shift_table.dtype == torch.float32
+    assert ours.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert ours.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    got = ours(x.bfloat16(), t, text.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert torch.isfinite(got).all()
+    assert (got.float() - expected).abs().max() <= 0.1 * expected.abs().max()
+
+
+def test_bad_inputs_raise_clear_errors(pair) -> None:
+    _, ours = pair
+    x, t, text = tiny_inputs(frames=4)
+    with pytest.raises(ValueError, match="timestep must be"):
+        ours(x, torch.zeros(1, 3), text)
+    with pytest.raises(ValueError, match="in_channels"):
+        ours(torch.randn(1, 3, 4, 4, 6), t, text)
+    with pytest.raises(ValueError, match="patch_size"):
+        ours(torch.randn(1, 4, 4, 5, 6), t, text)
+    with pytest.raises(ValueError, match="expected latents"):
+        ours(torch.randn(4, 4, 6), t, text)
+    with pytest.raises(NotImplementedError, match="text-to-video"):
+        CausalWanTransformer(**wan_config("tiny", image_dim=8))
