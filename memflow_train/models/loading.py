@@ -6,7 +6,9 @@ Accepted sources:
 - a single weights file (.safetensors / .pt / .pth / .bin) in diffusers or original key names,
 - a LongLive / Self-Forcing / MemFlow training checkpoint: a dict with `generator_ema`, `generator`
   or `model` entries whose keys carry the wrapper's `model.` prefix (and FSDP / compile
-  wrapper pieces), optionally with a `generator_lora` PEFT state, or with LoRA in a second file.
+  wrapper pieces), optionally with a `generator_lora` PEFT state, or with LoRA in a second file,
+- a memflow-train Lightning checkpoint (.ckpt): the generator (EMA weights when present) or
+  another network by checkpoint_key, its LoRA adapters merged.
 
 Original key names go through diffusers' own single-file conversion. Every source is checked
 against the architecture before any weight is copied; a mismatch raises CheckpointMismatchError
@@ -73,21 +75,47 @@ def _is_tensor_dict(d: Any) -> bool:
     return isinstance(d, dict) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
 
 
-def split_checkpoint(ckpt: dict[str, Any], key: str | None = None) -> tuple[dict, dict | None, str]:
-    """Pick the generator weights (and a LoRA state, if present) out of a training checkpoint."""
+def split_checkpoint(ckpt: dict[str, Any], key: str | None = None) -> tuple[dict, dict | None, float | None]:
+    """Pick the generator weights, a LoRA state if present, and the LoRA alpha if recorded."""
+    if "pytorch-lightning_version" in ckpt and isinstance(ckpt.get("state_dict"), dict):
+        return _lightning_network(ckpt, key)
     lora = next((ckpt[k] for k in LORA_KEYS if _is_tensor_dict(ckpt.get(k))), None)
     if key is not None:
         if not _is_tensor_dict(ckpt.get(key)):
             raise KeyError(f"checkpoint has no tensor entry {key!r}; top-level keys: {sorted(ckpt)}")
-        return ckpt[key], lora, key
+        return ckpt[key], lora, None
     for k in GENERATOR_KEYS:
         if _is_tensor_dict(ckpt.get(k)):
-            return ckpt[k], lora, k
+            return ckpt[k], lora, None
     if _is_tensor_dict(ckpt):
-        return ckpt, None, ""
+        return ckpt, None, None
     if lora is not None:
         raise ValueError("checkpoint holds only a LoRA state: pass the base weights as source and this file as lora")
     raise ValueError(f"no generator weights found; top-level keys: {sorted(ckpt)}")
+
+
+def _lightning_network(ckpt: dict[str, Any], key: str | None) -> tuple[dict, dict | None, float | None]:
+    """A network of a memflow-train Lightning checkpoint, EMA weights overlaid unless key names the live ones.
+
+    key: "generator" / "critic" / "model" (live weights) or "generator_ema" / "model_ema";
+    default: the generator (or the fine-tuned model), with its EMA when the checkpoint has one.
+    """
+    state = ckpt["state_dict"]
+    nets = sorted({k.split(".", 1)[0] for k in state})
+    use_ema = key is None or key.endswith("_ema")
+    net = key.removesuffix("_ema") if key else ("generator" if "generator" in nets else "model")
+    if net not in nets:
+        raise KeyError(f"checkpoint has no network {net!r}; it holds {nets}")
+    weights = {k[len(net) + 1 :]: v for k, v in state.items() if k.startswith(net + ".")}
+    ema = ckpt.get(f"{net}_ema")
+    if key is not None and key.endswith("_ema") and ema is None:
+        raise KeyError(f"checkpoint has no {key} (EMA was off or had not started)")
+    if use_ema and ema is not None:
+        weights.update(ema["shadow"])
+    lora = {k: weights.pop(k) for k in [k for k in weights if ".lora_" in k]}
+    spec = (ckpt.get("hyper_parameters") or {}).get(f"{net}_lora") or (ckpt.get("hyper_parameters") or {}).get("lora")
+    alpha = (spec.get("alpha") or spec.get("rank")) if isinstance(spec, dict) else None
+    return weights, lora or None, alpha
 
 
 def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,7 +127,7 @@ def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if name.startswith(prefix):
                 name = name[len(prefix) :]
                 break
-        out[name.replace(".default.", ".")] = tensor  # PEFT adapter name
+        out[name.replace(".default.", ".").replace(".base_layer.", ".")] = tensor  # PEFT adapter pieces
     if any(k.startswith("head.") or ".self_attn." in k or ".cross_attn." in k for k in out):
         out = convert_wan_transformer_to_diffusers(out)
     return out
@@ -185,6 +213,18 @@ def infer_wan_config(state: dict[str, torch.Tensor], attention_head_dim: int = 1
         raise ValueError(f"cannot infer the Wan architecture: weights lack {err}; pass config explicitly") from err
 
 
+def _recorded_architecture(ckpt: dict[str, Any], key: str | None) -> dict[str, Any] | None:
+    """The architecture a memflow-train checkpoint's hyperparameters name (preset + overrides)."""
+    hparams = ckpt.get("hyper_parameters") if "pytorch-lightning_version" in ckpt else None
+    if not isinstance(hparams, dict):
+        return None
+    net = key.removesuffix("_ema") if key else ("generator" if "generator" in hparams else "model")
+    spec = hparams.get(net) or (hparams.get("teacher") if net == "critic" else None)
+    if not isinstance(spec, dict) or spec.get("weights") is not None:
+        return None  # weights from a path: that source defined the architecture; infer it from shapes
+    return wan_config(spec.get("preset"), **(spec.get("config") or {}))
+
+
 def _original_folder_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """Translate an original Wan2.1 config.json (WanModel) into diffusers' config keys."""
     if cfg.get("model_type", "t2v") != "t2v":
@@ -263,11 +303,13 @@ def load_transformer(
             model = CausalWanTransformer.from_pretrained(folder, torch_dtype=dtype or torch.float32)
         lora_state = None
     else:
-        state, lora_state, _ = split_checkpoint(read_weights(source), checkpoint_key)
+        ckpt = read_weights(source)
+        state, lora_state, recorded_alpha = split_checkpoint(ckpt, checkpoint_key)
         state = normalize_keys(state)
         if lora_state is not None:
-            state = merge_lora(state, lora_state, lora_alpha)
-        model = _from_state(state, config or infer_wan_config(state), str(source), dtype)
+            state = merge_lora(state, lora_state, lora_alpha if lora_alpha is not None else recorded_alpha)
+        config = config or _recorded_architecture(ckpt, checkpoint_key) or infer_wan_config(state)
+        model = _from_state(state, config, str(source), dtype)
     if lora is not None:
         extra = read_weights(lora)
         extra = next((extra[k] for k in LORA_KEYS if _is_tensor_dict(extra.get(k))), extra)

@@ -1,0 +1,161 @@
+"""Flow-matching fine-tuning of the causal backbone on users' video latents (diffusion forcing).
+
+Each chunk gets its own noise level. The model predicts the flow of the noisy chunk through the
+streaming path, attending to the clean earlier chunks in its KV cache and memory (written by the
+re-run at the context timestep, without grad), so what is trained is exactly what streaming
+generation runs. loss = mean over chunks of MSE(flow_pred, noise - x0).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+
+from memflow_train.memory import MemoryConfig
+from memflow_train.methods.ema import ParameterEMA
+from memflow_train.methods.hparams import coerce, plain
+from memflow_train.methods.lora import add_lora
+from memflow_train.methods.self_forcing import NonFiniteLossError, seeded
+from memflow_train.methods.specs import BackboneSpec, LoraSpec, OptimizerSpec, TextEncoderSpec
+from memflow_train.sampling import FlowMatchSchedule
+
+
+class LatentBatch(Protocol):
+    prompts: list[list[str]]
+    latents: torch.Tensor | None  # (B, C, T, H, W)
+    num_frames: torch.Tensor  # (B,) real latent frames per sample
+    prompt_embeds: torch.Tensor | None  # (B, P, L, D): prompt 0 is the caption
+    prompt_mask: torch.Tensor | None
+
+
+class FlowMatchingFinetune(LightningModule):
+    def __init__(
+        self,
+        model: BackboneSpec,
+        memory: MemoryConfig = MemoryConfig(),  # noqa: B008 (frozen dataclass)
+        max_frames: int | None = None,
+        timestep_shift: float = 5.0,
+        timestep_range: tuple[float, float] = (0.0, 1000.0),
+        context_timestep: float = 0.0,
+        optimizer: OptimizerSpec = OptimizerSpec(lr=1e-5, betas=(0.9, 0.999), grad_clip=1.0),  # noqa: B008
+        lora: LoraSpec | None = None,
+        gradient_checkpointing: bool = False,
+        text_encoder: TextEncoderSpec | None = None,
+        ema_decay: float | None = None,
+        ema_start_step: int = 0,
+        nonfinite: Literal["stop", "skip"] = "stop",
+        seed: int = 0,
+    ) -> None:
+        """max_frames: latent frames used per sample (whole chunks, from the start); default all.
+        optimizer.grad_clip is applied by this module; leave the Trainer's gradient clipping off."""
+        super().__init__()
+        model, memory = coerce(BackboneSpec, model), coerce(MemoryConfig, memory)
+        optimizer, lora = coerce(OptimizerSpec, optimizer), coerce(LoraSpec, lora)
+        text_encoder = coerce(TextEncoderSpec, text_encoder)
+        self.save_hyperparameters(plain({k: v for k, v in locals().items() if k not in ("self", "__class__")}))
+        self.optimizer_spec = optimizer
+        self.model = model.build()
+        if lora is not None:
+            add_lora(self.model, lora)
+        self.model.gradient_checkpointing = gradient_checkpointing
+        self.text_encoder = text_encoder.build() if text_encoder is not None else None
+        if self.text_encoder is not None and self.text_encoder.d_model != self.model.config.text_dim:
+            raise ValueError(
+                f"text_encoder width {self.text_encoder.d_model} differs from model.text_dim {self.model.config.text_dim}"
+            )
+        n = memory.num_frame_per_block
+        if max_frames is not None and (max_frames < n or max_frames % n):
+            raise ValueError(f"max_frames ({max_frames}) must be a positive multiple of num_frame_per_block ({n})")
+        self.memory = memory
+        self.schedule = FlowMatchSchedule(timestep_shift)
+        self.ema = ParameterEMA(ema_decay, ema_start_step) if ema_decay is not None else None
+
+    def configure_optimizers(self) -> dict:
+        spec = self.optimizer_spec
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            params, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, spec.lr_factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
+    ):
+        clip = self.optimizer_spec.grad_clip
+        if clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def _caption(self, batch: LatentBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch.prompt_embeds is not None:
+            return batch.prompt_embeds[:, 0].to(self.device, self.model.dtype), batch.prompt_mask[:, 0].to(self.device)
+        if self.text_encoder is None:
+            raise ValueError("the batch has no prompt_embeds and no text_encoder is configured")
+        embeds, mask = self.text_encoder([p[0] for p in batch.prompts])
+        return embeds.to(self.device, self.model.dtype), mask.to(self.device)
+
+    def _frames(self, batch: LatentBatch) -> torch.Tensor:
+        if batch.latents is None:
+            raise ValueError("flow-matching fine-tuning needs latents in the batch (prepare shards with a VAE)")
+        n = self.memory.num_frame_per_block
+        usable = int(batch.num_frames.min())
+        if self.hparams.max_frames is not None:
+            usable = min(usable, self.hparams.max_frames)
+        usable -= usable % n
+        if usable < n:
+            raise ValueError(f"samples have {int(batch.num_frames.min())} latent frames, fewer than one chunk of {n}")
+        return batch.latents[:, :, :usable].to(self.device, self.model.dtype)
+
+    def flow_matching_loss(
+        self, x0: torch.Tensor, caption: torch.Tensor, mask: torch.Tensor, step: int
+    ) -> torch.Tensor:
+        n = self.memory.num_frame_per_block
+        b, chunks = x0.shape[0], x0.shape[2] // n
+        rng = seeded(self.hparams.seed, step, "fm", self.global_rank)
+        lo, hi = self.hparams.timestep_range
+        t = self.schedule.sample_training_timesteps(b * chunks, lo, hi, generator=rng).view(b, chunks).to(self.device)
+        noise = torch.randn(x0.shape, generator=rng).to(self.device, x0.dtype)
+        context = self.model.encode_text(caption, mask)
+        cache = self.model.new_kv_cache(self.memory)
+        losses = []
+        for c in range(chunks):
+            x0_c, noise_c = x0[:, :, c * n : (c + 1) * n], noise[:, :, c * n : (c + 1) * n]
+            x_t = self.schedule.add_noise(x0_c, noise_c, t[:, c])
+            flow = self.model.forward_chunk(x_t, t[:, c], context, cache)
+            losses.append(F.mse_loss(flow.float(), (noise_c - x0_c).float()))
+            with torch.no_grad():
+                ctx_t = torch.full((b,), self.hparams.context_timestep, device=self.device)
+                self.model.forward_chunk(x0_c, ctx_t, context, cache, update_cache=True)
+        return torch.stack(losses).mean()
+
+    def training_step(self, batch: LatentBatch, batch_idx: int) -> torch.Tensor | None:
+        caption, mask = self._caption(batch)
+        loss = self.flow_matching_loss(self._frames(batch), caption, mask, self.global_step)
+        if not torch.isfinite(loss):
+            message = f"non-finite flow-matching loss ({loss.item()}) at step {self.global_step}"
+            if self.hparams.nonfinite == "stop":
+                raise NonFiniteLossError(message + "; set nonfinite: skip to skip such steps")
+            self.log("train/skipped_steps", 1.0, reduce_fx="sum")
+            return None  # Lightning skips the optimizer step
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, self.global_step - 1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("text_encoder.")]:
+            del state[key]
+        if self.ema is not None:
+            checkpoint["model_ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.text_encoder is not None:
+            checkpoint["state_dict"].update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})
+        if self.ema is not None and "model_ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["model_ema"])

@@ -1,0 +1,388 @@
+"""Self-forcing DMD (stage 1): the causal generator learns from its own streaming rollouts.
+
+Every training step trains the critic (flow matching on fresh generator samples); every
+gen_update_ratio-th step also trains the generator with the DMD loss against a frozen
+bidirectional teacher with classifier-free guidance. One optimizer object holds both networks'
+AdamW groups and steps only the networks that were trained (see methods/optim.py), so
+`trainer.global_step` counts training steps and each network keeps its own lr, betas, weight
+decay, warmup, clipping and moments. Random draws come from generators seeded by (seed, step,
+purpose): exit steps and other shared choices are identical on every rank, noise differs per
+rank, and a resumed run draws exactly what an uninterrupted one would.
+
+On generator steps the critic trains on a rollout of the generator as it was before this
+step's update (both networks step together at the end of the step); Self-Forcing updates the
+generator first. The networks' update rules are unchanged; the critic sees samples one
+generator update older on those steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+from lightning.pytorch import LightningModule
+
+from memflow_train.memory import MemoryConfig
+from memflow_train.methods.dmd_losses import critic_flow_loss, dmd_gradient, dmd_loss, guided
+from memflow_train.methods.ema import ParameterEMA
+from memflow_train.methods.hparams import coerce, plain
+from memflow_train.methods.lora import add_lora
+from memflow_train.methods.optim import MultiNetworkAdamW, clip_group
+from memflow_train.methods.specs import BackboneSpec, LoraSpec, OptimizerSpec, TextEncoderSpec
+from memflow_train.models.causal_wan import CausalWanTransformer, TextContext
+from memflow_train.rollout import PromptSchedule, StreamingGenerator
+from memflow_train.sampling import FlowMatchSchedule
+
+# Wan2.1's default negative prompt (the text its T2V pipeline uses).
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+
+
+class PromptBatch(Protocol):
+    """What the methods read from a batch (data.batch.NarrativeBatch provides it)."""
+
+    prompts: list[list[str]]
+    segment_start: torch.Tensor  # (B, P) latent frame where each prompt starts; -1 = the method picks
+    prompt_embeds: torch.Tensor | None  # (B, P, L, D)
+    prompt_mask: torch.Tensor | None  # (B, P, L)
+    negative_embeds: torch.Tensor | None  # (B, L, D)
+    negative_mask: torch.Tensor | None  # (B, L)
+
+
+@dataclass
+class TextBatch:
+    """Prompt and negative embeddings of a batch on the model's device."""
+
+    embeds: torch.Tensor  # (B, P, L, D)
+    mask: torch.Tensor  # (B, P, L)
+    negative: torch.Tensor  # (B, L, D)
+    negative_mask: torch.Tensor  # (B, L)
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def seeded(*parts: Any, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from its parts (seed, step, purpose, ...), stable across processes and runs."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+class SelfForcingDMD(LightningModule):
+    def __init__(
+        self,
+        generator: BackboneSpec,
+        teacher: BackboneSpec,
+        critic: BackboneSpec | None = None,
+        memory: MemoryConfig = MemoryConfig(),  # noqa: B008 (frozen dataclass)
+        num_frames: int = 21,
+        latent_size: tuple[int, int] = (60, 104),
+        denoising_steps: tuple[int, ...] = (1000, 750, 500, 250),
+        timestep_shift: float = 5.0,
+        context_timestep: float = 0.0,
+        guidance_scale: float = 3.0,
+        score_timestep_range: tuple[float, float] = (20.0, 980.0),
+        gen_update_ratio: int = 5,
+        same_exit_step_for_all_chunks: bool = False,
+        generator_optimizer: OptimizerSpec = OptimizerSpec(lr=2e-6),  # noqa: B008
+        critic_optimizer: OptimizerSpec = OptimizerSpec(lr=4e-7),  # noqa: B008
+        ema_decay: float | None = 0.99,
+        ema_start_step: int = 200,
+        generator_lora: LoraSpec | None = None,
+        critic_lora: LoraSpec | None = None,
+        gradient_checkpointing: bool = False,
+        text_encoder: TextEncoderSpec | None = None,
+        negative_prompt: str = WAN_NEGATIVE_PROMPT,
+        nonfinite: Literal["stop", "skip"] = "stop",
+        seed: int = 0,
+    ) -> None:
+        """generator: the causal student; teacher: the frozen real score; critic: the fake score
+        (default: a trainable copy of the teacher). Shapes: num_frames latent frames per rollout
+        (whole chunks of memory.num_frame_per_block) of latent_size (H, W)."""
+        super().__init__()
+        self.automatic_optimization = False
+        generator, teacher, critic = (coerce(BackboneSpec, s) for s in (generator, teacher, critic))
+        memory = coerce(MemoryConfig, memory)
+        generator_optimizer, critic_optimizer = (
+            coerce(OptimizerSpec, generator_optimizer),
+            coerce(OptimizerSpec, critic_optimizer),
+        )
+        generator_lora, critic_lora = coerce(LoraSpec, generator_lora), coerce(LoraSpec, critic_lora)
+        text_encoder = coerce(TextEncoderSpec, text_encoder)
+        self.save_hyperparameters(plain({k: v for k, v in locals().items() if k not in ("self", "__class__")}))
+        self.optimizer_specs = {"generator": generator_optimizer, "critic": critic_optimizer}
+        if gen_update_ratio < 1:
+            raise ValueError(f"gen_update_ratio must be >= 1, got {gen_update_ratio}")
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        lo, hi = score_timestep_range
+        if not 0 <= lo < hi <= 1000:
+            raise ValueError(f"score_timestep_range must satisfy 0 <= low < high <= 1000, got {score_timestep_range}")
+        if num_frames < memory.num_frame_per_block or num_frames % memory.num_frame_per_block:
+            raise ValueError(
+                f"num_frames ({num_frames}) must be a positive multiple of memory.num_frame_per_block "
+                f"({memory.num_frame_per_block})"
+            )
+
+        self.generator = generator.build()
+        self.teacher = teacher.build().requires_grad_(False)
+        self.critic = critic.build() if critic is not None else copy.deepcopy(self.teacher).requires_grad_(True)
+        self.text_encoder = text_encoder.build() if text_encoder is not None else None
+        self._check_shapes(latent_size)
+        if generator_lora is not None:
+            add_lora(self.generator, generator_lora)
+        if critic_lora is not None:
+            add_lora(self.critic, critic_lora)
+        self.generator.gradient_checkpointing = self.critic.gradient_checkpointing = gradient_checkpointing
+
+        self.memory = memory
+        self.num_frames = num_frames
+        self.latent_size = tuple(latent_size)
+        self.schedule = FlowMatchSchedule(timestep_shift)
+        self.sampler = StreamingGenerator(
+            self.generator, self.schedule, list(denoising_steps), memory, context_timestep
+        )
+        self.ema = ParameterEMA(ema_decay, ema_start_step) if ema_decay is not None else None
+        self._negative_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------------------------ set-up
+
+    def _check_shapes(self, latent_size: tuple[int, int]) -> None:
+        g, t, c = self.generator.config, self.teacher.config, self.critic.config
+        for name, other in (("teacher", t), ("critic", c)):
+            for key in ("in_channels", "out_channels", "text_dim", "patch_size"):
+                if tuple(_as_tuple(g[key])) != tuple(_as_tuple(other[key])):
+                    raise ValueError(f"{name}.{key} = {other[key]} differs from generator.{key} = {g[key]}")
+        h, w = latent_size
+        if h % g.patch_size[1] or w % g.patch_size[2]:
+            raise ValueError(f"latent_size {tuple(latent_size)} is not divisible by the patch size {g.patch_size}")
+        if self.text_encoder is not None and self.text_encoder.d_model != g.text_dim:
+            raise ValueError(
+                f"text_encoder width {self.text_encoder.d_model} differs from generator.text_dim {g.text_dim}"
+            )
+
+    def configure_optimizers(self) -> dict:
+        specs = self.optimizer_specs
+        groups = []
+        for name, net in (("generator", self.generator), ("critic", self.critic)):
+            spec = specs[name]
+            params = [p for p in net.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(f"the {name} has no trainable parameters")
+            groups.append(
+                {
+                    "name": name,
+                    "params": params,
+                    "lr": spec.lr,
+                    "betas": tuple(spec.betas),
+                    "eps": spec.eps,
+                    "weight_decay": spec.weight_decay,
+                }
+            )
+        optimizer = MultiNetworkAdamW(groups)
+        ratio = self.hparams.gen_update_ratio
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            [lambda it: specs["generator"].lr_factor(it // ratio), lambda it: specs["critic"].lr_factor(it)],
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _rng(self, step: int, purpose: str, per_rank: bool, device: torch.device | None = None) -> torch.Generator:
+        rank = self.global_rank if per_rank else -1
+        return seeded(self.hparams.seed, step, purpose, rank, device=device or torch.device("cpu"))
+
+    def _randn(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=generator.device).to(self.device)
+
+    def _texts(self, batch: PromptBatch) -> TextBatch:
+        """Prompt and negative embeddings from the batch, else from the configured text encoder."""
+        dtype = self.generator.dtype
+        if batch.prompt_embeds is not None:
+            embeds, mask = batch.prompt_embeds, batch.prompt_mask
+        elif self.text_encoder is not None:
+            counts = [len(p) for p in batch.prompts]
+            flat = [p for ps in batch.prompts for p in ps]
+            e, m = self.text_encoder(flat)
+            embeds = torch.zeros(len(counts), max(counts), *e.shape[1:], dtype=e.dtype, device=e.device)
+            mask = torch.zeros(len(counts), max(counts), e.shape[1], dtype=torch.bool, device=e.device)
+            i = 0
+            for b, n in enumerate(counts):
+                embeds[b, :n], mask[b, :n] = e[i : i + n], m[i : i + n]
+                i += n
+        else:
+            raise ValueError("the batch has no prompt_embeds and no text_encoder is configured")
+        if batch.negative_embeds is not None:
+            negative, negative_mask = batch.negative_embeds, batch.negative_mask
+        elif self.text_encoder is not None:
+            if self._negative_cache is None:
+                self._negative_cache = self.text_encoder([self.hparams.negative_prompt])
+            n, nm = self._negative_cache
+            negative, negative_mask = n.expand(embeds.shape[0], -1, -1), nm.expand(embeds.shape[0], -1)
+        else:
+            raise ValueError("the batch has no negative_embeds and no text_encoder is configured")
+        return TextBatch(
+            embeds.to(self.device, dtype),
+            mask.to(self.device),
+            negative.to(self.device, dtype),
+            negative_mask.to(self.device),
+        )
+
+    def _context(self, model: CausalWanTransformer, embeds: torch.Tensor, mask: torch.Tensor) -> TextContext:
+        return model.encode_text(embeds.to(model.dtype), mask)
+
+    def _predict_x0(
+        self, model: CausalWanTransformer, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor | TextContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bidirectional flow prediction and its x0 estimate, in float32."""
+        flow = model(x_t.to(model.dtype), t, text if isinstance(text, TextContext) else text.to(model.dtype)).float()
+        return flow, self.schedule.x0_from_flow(x_t.float(), flow, t)
+
+    def _draw_exit_steps(self, chunks: int, generator: torch.Generator) -> list[int]:
+        steps = len(self.sampler.timesteps)
+        if self.hparams.same_exit_step_for_all_chunks:
+            return [int(torch.randint(steps, (1,), generator=generator))] * chunks
+        return torch.randint(steps, (chunks,), generator=generator).tolist()
+
+    def _check_finite(self, value: torch.Tensor, network: str, step: int, what: str = "loss") -> bool:
+        if bool(torch.isfinite(value).all()):
+            return True
+        message = f"non-finite {network} {what} ({value.item()}) at step {step}"
+        if self.hparams.nonfinite == "stop":
+            raise NonFiniteLossError(message + "; set nonfinite: skip to skip such updates")
+        warnings.warn(message + "; skipping this update of the " + network, stacklevel=2)
+        self.log(f"train/{network}_skipped_updates", 1.0, reduce_fx="sum")
+        return False
+
+    # ------------------------------------------------------------------------------------ rollout + losses
+
+    def rollout(self, texts: TextBatch, step: int, purpose: str, grad: bool) -> torch.Tensor:
+        """Generate num_frames latent frames from noise with the generator's own cache (prompt 0)."""
+        b = texts.embeds.shape[0]
+        c = self.generator.config.in_channels
+        noise_rng = self._rng(step, purpose + "/noise", per_rank=True, device=self.device)
+        noise = self._randn((b, c, self.num_frames, *self.latent_size), noise_rng).to(self.generator.dtype)
+        chunks = self.num_frames // self.memory.num_frame_per_block
+        exit_steps = self._draw_exit_steps(chunks, self._rng(step, purpose + "/exit", per_rank=False))
+        with torch.set_grad_enabled(grad):
+            context = self._context(self.generator, texts.embeds[:, 0], texts.mask[:, 0])
+        stream = self.sampler.new_stream()
+        return self.sampler.rollout(
+            stream, noise, PromptSchedule.single(context), exit_steps, 0 if grad else None, noise_rng
+        ).float()
+
+    def distribution_matching_loss(
+        self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, step: int, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """DMD loss of generated latents x (with graph) under prompt embeddings cond / negative uncond."""
+        rng = self._rng(step, "dmd", per_rank=True, device=self.device)
+        t = self.schedule.sample_training_timesteps(
+            x.shape[0], *self.hparams.score_timestep_range, generator=self._rng(step, "dmd/t", True)
+        )
+        t = t.to(self.device)
+        x_t = self.schedule.add_noise(x.detach(), self._randn(tuple(x.shape), rng), t)
+        with torch.no_grad():
+            _, fake_x0 = self._predict_x0(self.critic, x_t, t, cond)
+            _, real = self._predict_x0(
+                self.teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond.to(cond.dtype)])
+            )
+            real_x0 = guided(*real.chunk(2), self.hparams.guidance_scale)
+        grad = dmd_gradient(x, fake_x0, real_x0)
+        return dmd_loss(x, grad, mask), {"dmd_grad_abs": grad.abs().mean().float(), "dmd_t": t.float().mean()}
+
+    def critic_loss(self, x: torch.Tensor, cond: torch.Tensor, step: int) -> torch.Tensor:
+        """Flow-matching loss of the critic on generated latents x (no graph into the generator)."""
+        rng = self._rng(step, "critic", per_rank=True, device=self.device)
+        t = self.schedule.sample_training_timesteps(
+            x.shape[0], *self.hparams.score_timestep_range, generator=self._rng(step, "critic/t", True)
+        )
+        t = t.to(self.device)
+        noise = self._randn(tuple(x.shape), rng)
+        x_t = self.schedule.add_noise(x.detach(), noise, t)
+        flow, _ = self._predict_x0(self.critic, x_t, t, cond)
+        return critic_flow_loss(flow, x.detach(), noise)
+
+    def generator_loss(self, texts: TextBatch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = self.rollout(texts, step, "generator", grad=True)
+        return self.distribution_matching_loss(x, texts.embeds[:, 0], texts.negative, step)
+
+    def critic_samples(self, texts: TextBatch, step: int) -> torch.Tensor:
+        with torch.no_grad():
+            return self.rollout(texts, step, "critic", grad=False)
+
+    # ------------------------------------------------------------------------------------ training
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        step = self.global_step
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        texts = self._texts(batch)
+        trained: list[str] = []
+
+        if step % self.hparams.gen_update_ratio == 0:
+            loss_g, logs = self.generator_loss(texts, step)
+            if self._check_finite(loss_g, "generator", step):
+                self.manual_backward(loss_g)
+                trained.append("generator")
+                self.log("train/generator_loss", loss_g.float(), prog_bar=True)
+                self.log_dict({f"train/{k}": v for k, v in logs.items()})
+
+        loss_c = self.critic_loss(self.critic_samples(texts, step), texts.embeds[:, 0], step)
+        if self._check_finite(loss_c, "critic", step):
+            self.manual_backward(loss_c)
+            trained.append("critic")
+            self.log("train/critic_loss", loss_c.float(), prog_bar=True)
+
+        self._step_networks(optimizer, trained, step)
+        scheduler.step()
+        if self.ema is not None and "generator" in trained:
+            self.ema.update(self.generator, step)
+
+    def _step_networks(self, optimizer: Any, trained: list[str], step: int) -> None:
+        inner: MultiNetworkAdamW = optimizer.optimizer
+        specs = self.optimizer_specs
+        active = []
+        for name in trained:
+            norm = clip_group(inner, name, specs[name].grad_clip)
+            self.log(f"train/{name}_grad_norm", norm.float())
+            if self._check_finite(norm, name, step, "gradient norm"):
+                active.append(name)
+        inner.set_active(active)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for name in ("generator", "critic"):
+            self.log(f"train/{name}_lr", inner.group(name)["lr"])
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    _FROZEN_PREFIXES = ("teacher.", "text_encoder.")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Frozen networks come from their configured weights; keep them out of every checkpoint."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(self._FROZEN_PREFIXES)]:
+            del state[key]
+        if self.ema is not None:
+            checkpoint["generator_ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for prefix in self._FROZEN_PREFIXES:
+            module = getattr(self, prefix[:-1])
+            if module is not None:
+                state.update({prefix + k: v for k, v in module.state_dict().items()})
+        if self.ema is not None and "generator_ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["generator_ema"])
+
+
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, list | tuple) else (value,)

@@ -1,0 +1,116 @@
+"""YAML-facing specifications of the networks and optimizers a training method builds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from memflow_train.models.causal_wan import CausalWanTransformer, cast_keeping_fp32
+from memflow_train.models.loading import load_transformer
+from memflow_train.models.presets import wan_config
+from memflow_train.models.text_encoder import WanTextEncoder
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} (use float32, bfloat16 or float16)")
+    return dtype
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A Wan transformer: a preset (+ overrides) with random weights, or weights from a local path.
+
+    weights accepts everything load_transformer does (diffusers or original Wan folders, single
+    files, LongLive / Self-Forcing / MemFlow checkpoints, our Lightning checkpoints).
+    """
+
+    preset: str | None = "tiny"
+    config: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    checkpoint_key: str | None = None
+    lora_weights: str | None = None
+    lora_alpha: float | None = None
+    dtype: str = "float32"
+    seed: int = 0
+
+    def architecture(self) -> dict[str, Any]:
+        return wan_config(self.preset, **self.config)
+
+    def build(self) -> CausalWanTransformer:
+        dtype = torch_dtype(self.dtype)
+        if self.weights is not None:
+            config = self.architecture() if (self.preset or self.config) else None
+            return load_transformer(
+                self.weights,
+                config,
+                checkpoint_key=self.checkpoint_key,
+                lora=self.lora_weights,
+                lora_alpha=self.lora_alpha,
+                dtype=dtype,
+            )
+        if self.lora_weights is not None:
+            raise ValueError("lora_weights need base weights: set weights too")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = CausalWanTransformer(**self.architecture())
+        return cast_keeping_fp32(model, dtype)
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """UMT5 from a local folder, or a tiny random encoder (tiny_d_model) for tests and the demo."""
+
+    path: str | None = None
+    tokenizer_path: str | None = None
+    tiny_d_model: int | None = None
+    text_len: int = 512
+    dtype: str = "bfloat16"
+    seed: int = 0
+
+    def build(self) -> WanTextEncoder:
+        if (self.path is None) == (self.tiny_d_model is None):
+            raise ValueError("text_encoder: set exactly one of path (real UMT5) and tiny_d_model (random tiny)")
+        if self.path is not None:
+            return WanTextEncoder.from_pretrained(
+                self.path, self.tokenizer_path, self.text_len, torch_dtype(self.dtype)
+            )
+        return WanTextEncoder.tiny(d_model=self.tiny_d_model, text_len=self.text_len, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One network's AdamW and its schedule: linear warmup over its own updates, then constant."""
+
+    lr: float = 2e-6
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    grad_clip: float | None = 10.0
+    warmup_updates: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optimizer lr must be positive, got {self.lr}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"optimizer grad_clip must be positive or null, got {self.grad_clip}")
+
+    def lr_factor(self, updates: int) -> float:
+        return min(1.0, (updates + 1) / self.warmup_updates) if self.warmup_updates > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """PEFT LoRA on the named Linear layers of every block (default: all attention and FFN linears)."""
+
+    rank: int = 256
+    alpha: float | None = None  # None: alpha = rank (scale 1), as LongLive and MemFlow train
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora rank must be >= 1, got {self.rank}")

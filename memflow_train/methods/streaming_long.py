@@ -1,0 +1,194 @@
+"""Streaming long tuning (stage 2): one long rollout carried across training steps.
+
+A sequence lives across steps in a SequenceState: the generator's stream (KV cache, memory bank,
+recent clean frames), the prompt pair, the switch frame and the frames generated so far. Each
+step continues the sequence by frames_per_step frames (exit-step gradients on generator steps),
+supervises the last `window` frames with the DMD loss only on the new frames, and trains the
+critic on the same window. A sequence restarts from the current batch once it reaches
+max_length. Each sequence switches prompt once, at a random chunk drawn identically on every
+rank; at the switch the recent frames are re-encoded under the new prompt (recache). The state
+is saved in checkpoints, so a resumed run continues the same sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from memflow_train.methods.self_forcing import PromptBatch, SelfForcingDMD, TextBatch
+from memflow_train.rollout import PromptSchedule, Stream
+
+
+@dataclass
+class SequenceState:
+    stream: Stream
+    texts: TextBatch  # prompt slots 0 (before the switch) and 1 (after it)
+    switch_frame: int
+    history: torch.Tensor | None = None  # (B, C, n, H, W): the last generated frames still in the window
+
+    @property
+    def length(self) -> int:
+        return self.stream.next_frame
+
+    def state_dict(self) -> dict:
+        t = self.texts
+        return {
+            "stream": self.stream.state_dict(),
+            "texts": {"embeds": t.embeds, "mask": t.mask, "negative": t.negative, "negative_mask": t.negative_mask},
+            "switch_frame": self.switch_frame,
+            "history": self.history,
+        }
+
+
+class StreamingLongTuning(SelfForcingDMD):
+    def __init__(
+        self,
+        *args: Any,
+        max_length: int = 240,
+        frames_per_step: int = 21,
+        window: int = 21,
+        min_switch_frame: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """max_length: latent frames per sequence; frames_per_step: new frames each step (whole
+        chunks); window: supervised frames (the newest; loss on the new ones only);
+        min_switch_frame: earliest switch (default: one window in). Other arguments: SelfForcingDMD."""
+        super().__init__(*args, **kwargs)
+        self.hparams.update(
+            max_length=max_length, frames_per_step=frames_per_step, window=window, min_switch_frame=min_switch_frame
+        )
+        n = self.memory.num_frame_per_block
+        for name, value in (("max_length", max_length), ("frames_per_step", frames_per_step)):
+            if value < n or value % n:
+                raise ValueError(f"{name} ({value}) must be a positive multiple of memory.num_frame_per_block ({n})")
+        if window < frames_per_step:
+            raise ValueError(f"window ({window}) must be at least frames_per_step ({frames_per_step})")
+        if max_length < frames_per_step:
+            raise ValueError(f"max_length ({max_length}) must be at least frames_per_step ({frames_per_step})")
+        self.max_length = max_length
+        self.frames_per_step = frames_per_step
+        self.window = window
+        self.min_switch_frame = window if min_switch_frame is None else min_switch_frame
+        if not 0 < self.min_switch_frame < max_length:
+            raise ValueError(f"min_switch_frame ({self.min_switch_frame}) must lie in (0, max_length={max_length})")
+        self.sequence: SequenceState | None = None
+        self._pending_state: dict | None = None
+
+    # ------------------------------------------------------------------------------------ sequence
+
+    def _start_sequence(self, batch: PromptBatch, step: int) -> SequenceState:
+        texts = self._texts(batch)
+        # Samples with one prompt keep it after the switch (their padded slot 1 is empty).
+        single = ~texts.mask[:, 1:2].any(-1) if texts.mask.shape[1] > 1 else None
+        if single is None:
+            embeds, mask = texts.embeds.repeat(1, 2, 1, 1), texts.mask.repeat(1, 2, 1)
+        else:
+            embeds, mask = texts.embeds[:, :2].clone(), texts.mask[:, :2].clone()
+            embeds[single.squeeze(1), 1], mask[single.squeeze(1), 1] = (
+                embeds[single.squeeze(1), 0],
+                mask[single.squeeze(1), 0],
+            )
+        n = self.memory.num_frame_per_block
+        first, last = -(-self.min_switch_frame // n), self.max_length // n - 1
+        chunk = int(torch.randint(first, max(first, last) + 1, (1,), generator=self._rng(step, "switch", False)))
+        return SequenceState(
+            self.sampler.new_stream(), TextBatch(embeds, mask, texts.negative, texts.negative_mask), chunk * n
+        )
+
+    def _prompts(self, state: SequenceState, grad: bool) -> PromptSchedule:
+        with torch.set_grad_enabled(grad):
+            a = self._context(self.generator, state.texts.embeds[:, 0], state.texts.mask[:, 0])
+            b = self._context(self.generator, state.texts.embeds[:, 1], state.texts.mask[:, 1])
+        return PromptSchedule([(0, a), (state.switch_frame, b)])
+
+    def continue_sequence(self, state: SequenceState, step: int, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generate the next frames; returns the supervised window and the mask of its new frames."""
+        b, c = state.texts.embeds.shape[0], self.generator.config.in_channels
+        new = min(self.frames_per_step, self.max_length - state.length)
+        rng = self._rng(step, "stream/noise", per_rank=True, device=self.device)
+        noise = self._randn((b, c, new, *self.latent_size), rng).to(self.generator.dtype)
+        exit_steps = self._draw_exit_steps(
+            new // self.memory.num_frame_per_block, self._rng(step, "stream/exit", False)
+        )
+        start = state.length
+        x_new = self.sampler.rollout(
+            state.stream, noise, self._prompts(state, grad), exit_steps, start if grad else None, rng
+        ).float()
+        past = state.history if state.history is not None else x_new[:, :, :0]
+        window = torch.cat([past, x_new], 2)[:, :, -self.window :]
+        keep = self.window - self.frames_per_step  # frames of this window the next one still shows
+        state.history = window.detach()[:, :, window.shape[2] - keep :] if keep > 0 else None
+        mask = torch.zeros(1, 1, window.shape[2], 1, 1, dtype=torch.bool, device=window.device)
+        mask[:, :, -new:] = True
+        return window, mask
+
+    def _prompt_at_window_end(self, state: SequenceState) -> torch.Tensor:
+        slot = 1 if state.length - 1 >= state.switch_frame else 0
+        return state.texts.embeds[:, slot]
+
+    # ------------------------------------------------------------------------------------ training
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        step = self.global_step
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        if self._pending_state is not None:
+            self.sequence = self._restore_sequence(self._pending_state)
+            self._pending_state = None
+        if self.sequence is None or self.sequence.length >= self.max_length:
+            self.sequence = self._start_sequence(batch, step)
+        state = self.sequence
+        train_generator = step % self.hparams.gen_update_ratio == 0
+        switched_before = state.length >= state.switch_frame
+
+        window, mask = self.continue_sequence(state, step, grad=train_generator)
+        cond = self._prompt_at_window_end(state)
+        trained: list[str] = []
+        if train_generator:
+            loss_g, logs = self.distribution_matching_loss(window, cond, state.texts.negative, step, mask)
+            if self._check_finite(loss_g, "generator", step):
+                self.manual_backward(loss_g)
+                trained.append("generator")
+                self.log("train/generator_loss", loss_g.float(), prog_bar=True)
+                self.log_dict({f"train/{k}": v for k, v in logs.items()})
+        loss_c = self.critic_loss(window.detach(), cond, step)
+        if self._check_finite(loss_c, "critic", step):
+            self.manual_backward(loss_c)
+            trained.append("critic")
+            self.log("train/critic_loss", loss_c.float(), prog_bar=True)
+        self._step_networks(optimizer, trained, step)
+        scheduler.step()
+        if self.ema is not None and "generator" in trained:
+            self.ema.update(self.generator, step)
+        self.log("train/sequence_length", float(state.length))
+        self.log("train/prompt_switched", float(not switched_before and state.length >= state.switch_frame))
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.sequence is not None:
+            checkpoint["sequence_state"] = self.sequence.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._pending_state = checkpoint.get("sequence_state")  # restored on the right device at the next step
+
+    def _restore_sequence(self, state: dict) -> SequenceState:
+        stream = self.sampler.new_stream()
+        stream.load_state_dict(_to_device(state["stream"], self.device))
+        t = _to_device(state["texts"], self.device)
+        texts = TextBatch(t["embeds"], t["mask"], t["negative"], t["negative_mask"])
+        history = state["history"].to(self.device) if state["history"] is not None else None
+        return SequenceState(stream, texts, int(state["switch_frame"]), history)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj

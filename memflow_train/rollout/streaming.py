@@ -1,0 +1,156 @@
+"""Chunk-by-chunk generation with the model's own KV cache (self-forcing rollouts and inference).
+
+Per chunk: denoise the noise through the few-step timesteps, predicting x0 and renoising to the
+next timestep; then run the model once more on the clean chunk at the context timestep to write
+its keys/values into the cache (and the memory). For training, a chunk may stop at an exit step
+whose forward keeps gradients; everything else runs without grad, and the cache stores detached
+tensors, so no gradient flows through the history.
+
+At a prompt switch the recent frames are re-encoded under the new prompt (recache): the cache
+rewinds to the first non-sink frame of its window and replays the clean latents kept in
+`Stream.recent`, so the next chunk sees them with the new prompt's cross-attention. Sink and
+memory bank keep what they had; the bank's next retrieval scores with the new prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memflow_train.memory import MemoryConfig, StreamingKVCache
+from memflow_train.models.causal_wan import CausalWanTransformer, TextContext
+from memflow_train.rollout.prompts import PromptSchedule
+from memflow_train.sampling import FlowMatchSchedule
+
+
+class Stream:
+    """One ongoing video: the KV cache with its memory, and the clean latents its window holds."""
+
+    def __init__(self, cache: StreamingKVCache) -> None:
+        self.cache = cache
+        self.recent: torch.Tensor | None = None  # (B, C, n, H, W): clean latents of frames [next - n, next)
+
+    @property
+    def next_frame(self) -> int:
+        return self.cache.next_frame
+
+    def remember(self, clean: torch.Tensor) -> None:
+        keep = self.cache.window.cached_window_frames
+        recent = clean.detach() if self.recent is None else torch.cat([self.recent, clean.detach()], 2)
+        self.recent = recent if keep is None else recent[:, :, max(0, recent.shape[2] - keep) :]
+
+    def state_dict(self) -> dict:
+        return {"cache": self.cache.state_dict(), "recent": self.recent}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cache.load_state_dict(state["cache"])
+        self.recent = state["recent"]
+
+
+class StreamingGenerator:
+    """Few-step streaming sampler around a causal backbone."""
+
+    def __init__(
+        self,
+        model: CausalWanTransformer,
+        schedule: FlowMatchSchedule,
+        denoising_steps: list[int],
+        memory: MemoryConfig,
+        context_timestep: float = 0.0,
+    ) -> None:
+        self.model = model
+        self.schedule = schedule
+        self.timesteps = schedule.warp(denoising_steps)
+        self.memory = memory
+        self.context_timestep = context_timestep
+
+    @property
+    def frames_per_chunk(self) -> int:
+        return self.memory.num_frame_per_block
+
+    def new_stream(self) -> Stream:
+        return Stream(self.model.new_kv_cache(self.memory))
+
+    def _t(self, value: float, like: torch.Tensor) -> torch.Tensor:
+        return torch.full((like.shape[0],), float(value), device=like.device)
+
+    def denoise_chunk(
+        self,
+        stream: Stream,
+        noise: torch.Tensor,
+        text: TextContext,
+        exit_step: int | None = None,
+        grad: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """x0 of one chunk from noise (B, C, n, H, W). Only the exit step's forward keeps a graph (if grad)."""
+        last = len(self.timesteps) - 1 if exit_step is None else exit_step
+        if not 0 <= last < len(self.timesteps):
+            raise ValueError(f"exit step {exit_step} outside the {len(self.timesteps)} denoising steps")
+        x = noise
+        for i in range(last + 1):
+            t = self._t(self.timesteps[i], x)
+            with torch.set_grad_enabled(grad and i == last):
+                flow = self.model.forward_chunk(x, t, text, stream.cache)
+                x0 = self.schedule.x0_from_flow(x, flow, t)
+            if i < last:
+                fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = self.schedule.add_noise(x0, fresh, self._t(self.timesteps[i + 1], x))
+        return x0
+
+    @torch.no_grad()
+    def write_chunk(self, stream: Stream, clean: torch.Tensor, text: TextContext) -> None:
+        """The clean re-run at the context timestep that writes the chunk into the cache."""
+        self.model.forward_chunk(clean, self._t(self.context_timestep, clean), text, stream.cache, update_cache=True)
+        stream.remember(clean)
+
+    @torch.no_grad()
+    def recache(self, stream: Stream, text: TextContext) -> None:
+        """Re-encode the window's recent frames under a new prompt (sink and memory stay)."""
+        if stream.recent is None:
+            return
+        n = self.frames_per_chunk
+        first = max(
+            stream.next_frame - stream.recent.shape[2], self.memory.sink_size if self.memory.window.bounded else 0
+        )
+        first = min(first, stream.next_frame)
+        replay = stream.recent[:, :, stream.recent.shape[2] - (stream.next_frame - first) :]
+        stream.cache.rewind(first)
+        for s in range(0, replay.shape[2], n):
+            piece = replay[:, :, s : s + n]
+            self.model.forward_chunk(
+                piece, self._t(self.context_timestep, piece), text, stream.cache, update_cache=True
+            )
+
+    def rollout(
+        self,
+        stream: Stream,
+        noise: torch.Tensor,
+        prompts: PromptSchedule,
+        exit_steps: list[int] | None = None,
+        grad_from_frame: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Generate noise.shape[2] frames (whole chunks) continuing `stream`; returns their x0.
+
+        exit_steps[c] is chunk c's exit step (default: all steps). Chunks starting at or after
+        absolute frame grad_from_frame keep the exit step's graph (None: no gradients).
+        A prompt switch inside the generated span triggers a recache before its chunk.
+        """
+        n = self.frames_per_chunk
+        if noise.shape[2] % n:
+            raise ValueError(f"{noise.shape[2]} frames are not a whole number of {n}-frame chunks")
+        chunks = noise.shape[2] // n
+        if exit_steps is not None and len(exit_steps) != chunks:
+            raise ValueError(f"got {len(exit_steps)} exit steps for {chunks} chunks")
+        outputs = []
+        for c in range(chunks):
+            start = stream.next_frame
+            text = prompts.at(start)
+            if start > 0 and prompts.switches_in(start - n + 1, start + 1):
+                self.recache(stream, text)  # the first chunk starting at or after a switch frame
+            grad = grad_from_frame is not None and start >= grad_from_frame
+            exit_step = None if exit_steps is None else exit_steps[c]
+            x0 = self.denoise_chunk(stream, noise[:, :, c * n : (c + 1) * n], text, exit_step, grad, generator)
+            self.write_chunk(stream, x0.detach(), text)
+            outputs.append(x0)
+        return torch.cat(outputs, 2)

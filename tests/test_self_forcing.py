@@ -1,0 +1,217 @@
+"""Self-forcing DMD: gradients only through exit steps, independent networks, EMA, LoRA, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from memflow_train.memory import MemoryConfig
+from memflow_train.methods import BackboneSpec, LoraSpec, OptimizerSpec, SelfForcingDMD
+from memflow_train.methods.lora import merge_lora
+from memflow_train.methods.optim import MultiNetworkAdamW
+from memflow_train.methods.self_forcing import NonFiniteLossError
+from tests.method_helpers import dmd_module, fit, prompt_batch
+from tests.wan_helpers import tiny_inputs
+
+
+def test_only_exit_step_forwards_build_a_graph_and_the_cache_holds_none() -> None:
+    module = dmd_module()
+    texts = module._texts(prompt_batch())
+    calls: list[tuple[bool, bool]] = []
+    original = module.generator.forward_chunk
+
+    def spy(*args, **kwargs):
+        calls.append((torch.is_grad_enabled(), kwargs.get("update_cache", False)))
+        return original(*args, **kwargs)
+
+    module.generator.forward_chunk = spy
+    streams = []
+    new_stream = module.sampler.new_stream
+    module.sampler.new_stream = lambda: streams.append(new_stream()) or streams[-1]
+    x = module.rollout(texts, step=0, purpose="generator", grad=True)
+    exit_steps = module._draw_exit_steps(2, module._rng(0, "generator/exit", per_rank=False))
+    assert x.requires_grad
+    graph_calls = [c for c in calls if c[0]]
+    assert len(graph_calls) == 2 and not any(update for _, update in graph_calls)  # one per chunk
+    assert sum(1 for _, update in calls if update) == 2  # the clean re-runs write, without grad
+    assert len(calls) == sum(e + 1 for e in exit_steps) + 2
+    for layer in streams[0].cache.layers:
+        assert all(t.grad_fn is None and not t.requires_grad for t in layer.tensors())
+
+
+def test_exit_steps_are_shared_across_ranks_and_noise_is_not() -> None:
+    module = dmd_module()
+    a = module._draw_exit_steps(7, module._rng(3, "generator/exit", per_rank=False))
+    module._trainer = None
+    b = module._draw_exit_steps(7, module._rng(3, "generator/exit", per_rank=False))
+    assert a == b and all(0 <= s < 4 for s in a)
+    assert module._rng(3, "n", per_rank=True).initial_seed() != module._rng(3, "n", per_rank=False).initial_seed()
+    same = dmd_module(same_exit_step_for_all_chunks=True)
+    assert len(set(same._draw_exit_steps(7, same._rng(5, "generator/exit", per_rank=False)))) == 1
+
+
+class _Recorder(MultiNetworkAdamW):
+    """Records the (clipped) gradients each step applies, per network."""
+
+    log: list[dict[str, list[torch.Tensor]]] = []
+
+    def step(self, closure=None):
+        _Recorder.log.append(
+            {g["name"]: [p.grad.clone() for p in g["params"]] for g in self.param_groups if g["name"] in self.active}
+        )
+        return super().step(closure)
+
+
+def test_networks_evolve_as_two_independent_adamw_and_generator_rests_on_critic_steps(monkeypatch) -> None:
+    module = dmd_module(
+        generator_optimizer=OptimizerSpec(lr=1e-3, betas=(0.0, 0.999), weight_decay=0.01, grad_clip=0.5),
+        critic_optimizer=OptimizerSpec(lr=3e-4, betas=(0.0, 0.999), weight_decay=0.01, grad_clip=10.0),
+        ema_decay=None,
+    )
+    start = {"generator": copy.deepcopy(module.generator), "critic": copy.deepcopy(module.critic)}
+    monkeypatch.setattr("memflow_train.methods.self_forcing.MultiNetworkAdamW", _Recorder)
+    _Recorder.log = []
+    trainer = fit(module, steps=5)
+    assert trainer.global_step == 5
+    assert [sorted(entry) for entry in _Recorder.log] == [
+        ["critic", "generator"],
+        ["critic"],
+        ["critic", "generator"],
+        ["critic"],
+        ["critic", "generator"],
+    ]
+    specs = module.optimizer_specs
+    for name in ("generator", "critic"):
+        reference = start[name]
+        params = [p for p in reference.parameters() if p.requires_grad]
+        spec = specs[name]
+        opt = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, eps=spec.eps)
+        for entry in _Recorder.log:
+            if name in entry:
+                for p, g in zip(params, entry[name], strict=True):
+                    p.grad = g
+                opt.step()
+        live = dict(getattr(module, name).named_parameters())
+        for n, p in reference.named_parameters():
+            assert torch.equal(p, live[n]), f"{name}.{n}"
+
+
+def test_generator_is_unchanged_on_critic_only_steps() -> None:
+    module = dmd_module(gen_update_ratio=3)
+    fit(module, steps=1)
+    after_first = copy.deepcopy(module.generator.state_dict())
+    critic_first = copy.deepcopy(module.critic.state_dict())
+    module2 = dmd_module(gen_update_ratio=3)
+    fit(module2, steps=3)  # steps 1 and 2 train the critic only
+    for k, v in after_first.items():
+        assert torch.equal(v, module2.generator.state_dict()[k])
+    assert any(not torch.equal(v, module2.critic.state_dict()[k]) for k, v in critic_first.items())
+
+
+def test_ema_follows_generator_updates() -> None:
+    module = dmd_module(ema_decay=0.5, ema_start_step=2, gen_update_ratio=2)
+    snapshots = []
+    original = module.ema.update
+
+    def spy(net, step):
+        original(net, step)
+        snapshots.append((step, {n: p.detach().clone() for n, p in net.named_parameters()}))
+
+    module.ema.update = spy
+    fit(module, steps=6)  # generator updates at steps 0, 2, 4; EMA starts at step 2
+    assert [s for s, _ in snapshots] == [0, 2, 4]
+    (_, w2), (_, w4) = snapshots[1], snapshots[2]
+    for name, shadow in module.ema.shadow.items():
+        assert torch.allclose(shadow, 0.5 * w2[name] + 0.5 * w4[name], atol=1e-7)
+
+
+def test_lora_trains_only_adapters_and_merges_to_the_same_function() -> None:
+    module = dmd_module(generator_lora=LoraSpec(rank=2), critic_lora=LoraSpec(rank=2), ema_decay=None)
+    base = {n: p.detach().clone() for n, p in module.generator.named_parameters() if "lora_" not in n}
+    lora = {n: p.detach().clone() for n, p in module.generator.named_parameters() if "lora_" in n}
+    assert lora and all(not p.requires_grad for n, p in module.generator.named_parameters() if "lora_" not in n)
+    fit(module, steps=3)
+    live = dict(module.generator.named_parameters())
+    assert all(torch.equal(v, live[n]) for n, v in base.items())
+    assert any(not torch.equal(v, live[n]) for n, v in lora.items() if "lora_B" in n)
+    x, t, text = tiny_inputs(frames=3)
+    with torch.no_grad():
+        unmerged = module.generator(x, t, text)
+        merge_lora(module.generator)
+        assert not any("lora_" in n for n, _ in module.generator.named_parameters())
+        assert (module.generator(x, t, text) - unmerged).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_critic_loss_is_reported_with_step_and_network(policy: str) -> None:
+    module = dmd_module(nonfinite=policy, gen_update_ratio=100)
+    with torch.no_grad():
+        module.critic.proj_out.bias.fill_(float("nan"))
+    if policy == "stop":
+        with pytest.raises(NonFiniteLossError, match="non-finite critic loss .* at step 0"):
+            fit(module, steps=1)
+        return
+    before = copy.deepcopy(module.critic.state_dict())
+    with pytest.warns(UserWarning, match="non-finite critic loss .* at step 1"):
+        fit(module, steps=2)
+    after = module.critic.state_dict()
+    assert all(torch.equal(v, after[k]) or torch.isnan(v).any() for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (lambda: {"memory": MemoryConfig(local_attn_size=2)}, "local_attn_size"),
+        ({"num_frames": 7}, "num_frames"),
+        ({"latent_size": (5, 4)}, "latent_size"),
+        ({"teacher": BackboneSpec(config={"text_dim": 8})}, "teacher.text_dim"),
+        ({"gen_update_ratio": 0}, "gen_update_ratio"),
+        ({"score_timestep_range": (500.0, 100.0)}, "score_timestep_range"),
+        (lambda: {"generator_optimizer": OptimizerSpec(lr=0.0)}, "lr must be positive"),
+    ],
+)
+def test_impossible_configs_fail_at_start_naming_the_key(overrides, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        dmd_module(**(overrides() if callable(overrides) else overrides))
+
+
+def test_missing_text_inputs_are_named() -> None:
+    module = dmd_module()
+    batch = prompt_batch()
+    batch.prompt_embeds = None
+    with pytest.raises(ValueError, match="no prompt_embeds and no text_encoder"):
+        module._texts(batch)
+
+
+def test_checkpoint_leaves_out_the_frozen_teacher() -> None:
+    module = dmd_module()
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
+    assert any(k.startswith("critic.") for k in checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    assert SelfForcingDMD.load_state_dict(module, checkpoint["state_dict"], strict=True) is not None
+
+
+def test_lightning_checkpoint_loads_into_the_backbone_with_ema_and_lora(tmp_path) -> None:
+    from memflow_train.models.loading import load_transformer
+
+    module = dmd_module(generator_lora=LoraSpec(rank=2, alpha=4), ema_decay=0.5, ema_start_step=0)
+    trainer = fit(module, steps=5)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    assert "teacher.patch_embedding.weight" not in torch.load(path, weights_only=True)["state_dict"]
+    x, t, text = tiny_inputs(frames=3)
+    with torch.no_grad():
+        live = module.generator(x, t, text)
+        with module.ema.swapped_in(module.generator):
+            ema = module.generator(x, t, text)
+        assert (load_transformer(path)(x, t, text) - ema).abs().max() <= 1e-5
+        assert (load_transformer(path, checkpoint_key="generator")(x, t, text) - live).abs().max() <= 1e-5
+        assert (ema - live).abs().max() > 1e-4
+        critic = load_transformer(path, checkpoint_key="critic")
+        assert (critic(x, t, text) - module.critic(x, t, text)).abs().max() <= 1e-5
+    restored = SelfForcingDMD.load_from_checkpoint(path, weights_only=True)
+    assert restored.optimizer_specs == module.optimizer_specs and restored.memory == module.memory
