@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any
+
+# Lightning 2.6 calls a jsonargparse API deprecated in 4.49; users cannot act on that warning.
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+
+# Our DMD modules step their optimizer inside training_step; a checkpoint after step N holds the
+# state after N updates, which is what resuming needs. Lightning warns about that on every save.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 
 
 class MemflowCLI(LightningCLI):

@@ -152,6 +152,7 @@ class SelfForcingDMD(LightningModule):
         )
         self.ema = ParameterEMA(ema_decay, ema_start_step) if ema_decay is not None else None
         self._negative_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_exit_steps: list[int] = []  # the latest rollout's exit steps, for inspection
 
     # ------------------------------------------------------------------------------------ set-up
 
@@ -273,6 +274,7 @@ class SelfForcingDMD(LightningModule):
         noise = self._randn((b, c, self.num_frames, *self.latent_size), noise_rng).to(self.generator.dtype)
         chunks = self.num_frames // self.memory.num_frame_per_block
         exit_steps = self._draw_exit_steps(chunks, self._rng(step, purpose + "/exit", per_rank=False))
+        self.last_exit_steps = exit_steps
         with torch.set_grad_enabled(grad):
             context = self._context(self.generator, texts.embeds[:, 0], texts.mask[:, 0])
         stream = self.sampler.new_stream()
@@ -323,27 +325,27 @@ class SelfForcingDMD(LightningModule):
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         step = self.global_step
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
         texts = self._texts(batch)
-        trained: list[str] = []
-
+        losses: dict[str, torch.Tensor] = {}
         if step % self.hparams.gen_update_ratio == 0:
-            loss_g, logs = self.generator_loss(texts, step)
-            if self._check_finite(loss_g, "generator", step):
-                self.manual_backward(loss_g)
-                trained.append("generator")
-                self.log("train/generator_loss", loss_g.float(), prog_bar=True)
-                self.log_dict({f"train/{k}": v for k, v in logs.items()})
+            losses["generator"], logs = self.generator_loss(texts, step)
+            self.log_dict({f"train/{k}": v for k, v in logs.items()})
+        losses["critic"] = self.critic_loss(self.critic_samples(texts, step), texts.embeds[:, 0], step)
+        self.update_networks(losses, step)
 
-        loss_c = self.critic_loss(self.critic_samples(texts, step), texts.embeds[:, 0], step)
-        if self._check_finite(loss_c, "critic", step):
-            self.manual_backward(loss_c)
-            trained.append("critic")
-            self.log("train/critic_loss", loss_c.float(), prog_bar=True)
+    def update_networks(self, losses: dict[str, torch.Tensor], step: int) -> None:
+        """One backward over the finite losses, then one optimizer step of the networks they trained.
 
-        self._step_networks(optimizer, trained, step)
-        scheduler.step()
+        The generator's and the critic's graphs are disjoint, so one backward of their sum gives
+        each network exactly its own loss's gradients, and DDP sees one backward per step.
+        """
+        trained = [name for name, loss in losses.items() if self._check_finite(loss, name, step)]
+        for name in trained:
+            self.log(f"train/{name}_loss", losses[name].float(), prog_bar=True)
+        if trained:
+            self.manual_backward(sum(losses[name] for name in trained))
+        self._step_networks(self.optimizers(), trained, step)
+        self.lr_schedulers().step()
         if self.ema is not None and "generator" in trained:
             self.ema.update(self.generator, step)
 

@@ -112,6 +112,7 @@ class StreamingLongTuning(SelfForcingDMD):
         exit_steps = self._draw_exit_steps(
             new // self.memory.num_frame_per_block, self._rng(step, "stream/exit", False)
         )
+        self.last_exit_steps = exit_steps
         start = state.length
         x_new = self.sampler.rollout(
             state.stream, noise, self._prompts(state, grad), exit_steps, start if grad else None, rng
@@ -132,7 +133,6 @@ class StreamingLongTuning(SelfForcingDMD):
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         step = self.global_step
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         if self._pending_state is not None:
             self.sequence = self._restore_sequence(self._pending_state)
             self._pending_state = None
@@ -144,23 +144,12 @@ class StreamingLongTuning(SelfForcingDMD):
 
         window, mask = self.continue_sequence(state, step, grad=train_generator)
         cond = self._prompt_at_window_end(state)
-        trained: list[str] = []
+        losses: dict[str, torch.Tensor] = {}
         if train_generator:
-            loss_g, logs = self.distribution_matching_loss(window, cond, state.texts.negative, step, mask)
-            if self._check_finite(loss_g, "generator", step):
-                self.manual_backward(loss_g)
-                trained.append("generator")
-                self.log("train/generator_loss", loss_g.float(), prog_bar=True)
-                self.log_dict({f"train/{k}": v for k, v in logs.items()})
-        loss_c = self.critic_loss(window.detach(), cond, step)
-        if self._check_finite(loss_c, "critic", step):
-            self.manual_backward(loss_c)
-            trained.append("critic")
-            self.log("train/critic_loss", loss_c.float(), prog_bar=True)
-        self._step_networks(optimizer, trained, step)
-        scheduler.step()
-        if self.ema is not None and "generator" in trained:
-            self.ema.update(self.generator, step)
+            losses["generator"], logs = self.distribution_matching_loss(window, cond, state.texts.negative, step, mask)
+            self.log_dict({f"train/{k}": v for k, v in logs.items()})
+        losses["critic"] = self.critic_loss(window.detach(), cond, step)
+        self.update_networks(losses, step)
         self.log("train/sequence_length", float(state.length))
         self.log("train/prompt_switched", float(not switched_before and state.length >= state.switch_frame))
 

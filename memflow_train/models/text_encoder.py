@@ -121,4 +121,4 @@ class WanTextEncoder(torch.nn.Module):
     def encode_unpadded(self, prompts: Sequence[str], batch_size: int | None = None) -> list[torch.Tensor]:
         """One (tokens_i, d_model) tensor per prompt, real tokens only: what the shard format stores."""
         embeds, mask = self(prompts, batch_size)
-        return [e[: int(n)].cpu() for e, n in zip(embeds, mask.sum(1))]
+        return [e[: int(n)].cpu() for e, n in zip(embeds, mask.sum(1), strict=True)]

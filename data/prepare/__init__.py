@@ -1,0 +1,5 @@
+"""Preparation of shards from user sources: `python -m data.prepare --help`."""
+
+from data.prepare.core import Encoders, Item, prepare
+
+__all__ = ["Encoders", "Item", "prepare"]

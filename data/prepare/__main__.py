@@ -1,0 +1,155 @@
+"""python -m data.prepare SOURCE ...: write shards (format v1, data/README.md) from the sources users bring."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from data.prepare import sources
+from data.prepare.core import Encoders, prepare
+from data.writer import ShardSink, parse_size
+from memflow_train.models.text_encoder import WanTextEncoder
+from memflow_train.models.vae import WanVAE
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Arguments that do not change what is written: a resumed run may differ in them.
+RUN_ONLY = {"overwrite", "progress", "quiet", "device", "batch_size"}
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    out = p.add_argument_group("output")
+    out.add_argument("--output", required=True, help="local folder, or a URL pattern with %%06d WebDataset can write")
+    out.add_argument("--prefix", default="shard", help="shard name prefix in a folder (default: shard)")
+    out.add_argument("--samples-per-shard", type=int, default=1000)
+    out.add_argument("--shard-bytes", default="1G", help="start a new shard past this size, e.g. 500M (default: 1G)")
+    out.add_argument("--progress", help="progress file (default: PREFIX-progress.json beside local shards)")
+    out.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    out.add_argument("--quiet", action="store_true", help="no progress bar")
+    enc = p.add_argument_group("precomputation")
+    enc.add_argument("--text-encoder", help="Wan folder (text_encoder/ + tokenizer/), UMT5 folder, or 'tiny'")
+    enc.add_argument("--tokenizer", help="tokenizer folder, if not beside the encoder")
+    enc.add_argument("--text-len", type=int, default=512, help="tokens per prompt (Wan: 512)")
+    enc.add_argument("--negative-prompt", help="also store this prompt's embedding in every sample")
+    enc.add_argument("--vae", help="Wan folder (vae/ inside), VAE folder, or 'tiny'")
+    enc.add_argument("--tiny-text-dim", type=int, default=16, help="width of the 'tiny' text encoder")
+    enc.add_argument("--tiny-z-dim", type=int, default=4, help="latent channels of the 'tiny' VAE")
+    enc.add_argument("--seed", type=int, default=0, help="seed of the 'tiny' models")
+    enc.add_argument("--text-model-dtype", choices=DTYPES, default="bfloat16", help="text encoder dtype (Wan: bf16)")
+    enc.add_argument("--vae-model-dtype", choices=DTYPES, default="float32", help="VAE dtype (Wan: float32)")
+    enc.add_argument("--text-dtype", choices=DTYPES, default="bfloat16", help="stored embedding dtype")
+    enc.add_argument("--latent-dtype", choices=DTYPES, default="bfloat16", help="stored latent dtype")
+    enc.add_argument("--batch-size", type=int, default=8, help="items encoded together")
+    enc.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.prepare",
+        description="Write WebDataset shards (format v1, see data/README.md), optionally with precomputed text "
+        "embeddings and video latents. Started again with the same arguments, an interrupted run continues "
+        "after its last completed shard.",
+    )
+    sub = parser.add_subparsers(dest="source", required=True)
+    common = [_common()]
+    p = sub.add_parser("prompts", parents=common, help="a text file, one prompt per line")
+    p.add_argument("file")
+    p.add_argument("--num-frames", type=int, help="latent frames of each narrative (default: the loader's)")
+    p = sub.add_parser("switch", parents=common, help="two line-aligned files of prompts and their switch prompts")
+    p.add_argument("first")
+    p.add_argument("second")
+    p.add_argument("--num-frames", type=int)
+    p.add_argument("--switch-frame", type=int, help="latent frame of the switch (default: the method picks)")
+    p = sub.add_parser(
+        "narratives",
+        aliases=["benchmark"],
+        parents=common,
+        help="JSONL of {'prompts': [...]}, e.g. MemFlow's benchmark",
+    )
+    p.add_argument("file")
+    p.add_argument("--frames-per-prompt", type=int, default=40, help="latent frames per prompt (default: 40 = 10 s)")
+    p = sub.add_parser("videos", parents=common, help="a folder of NAME.mp4 with captions in NAME.txt")
+    p.add_argument("folder")
+    p.add_argument("--fps", type=float, help="drop frames to this rate (Wan: 16)")
+    p.add_argument("--height", type=int, help="resize (cover) and centre-crop to this height")
+    p.add_argument("--width", type=int)
+    p.add_argument("--max-frames", type=int, help="video frames to keep at most (Wan: 1 + 4k, e.g. 81)")
+    p.add_argument("--keep-video", action="store_true", help="store the processed clip as mp4 too")
+    return parser
+
+
+def _items(args: argparse.Namespace) -> tuple[object, int | None]:
+    if args.source == "prompts":
+        items = sources.prompt_file(args.file, args.num_frames)
+    elif args.source == "switch":
+        items = sources.switch_pairs(args.first, args.second, args.num_frames, args.switch_frame)
+    elif args.source in ("narratives", "benchmark"):
+        items = sources.narrative_jsonl(args.file, args.frames_per_prompt)
+    else:
+        if (args.height is None) != (args.width is None):
+            raise SystemExit("--height and --width go together")
+        size = (args.height, args.width) if args.height else None
+        return sources.video_folder(args.folder, args.fps, size, args.max_frames), len(
+            list(Path(args.folder).rglob("*.mp4"))
+        )
+    return items, len(items)
+
+
+def _encoders(args: argparse.Namespace) -> Encoders:
+    text_dtype, vae_dtype = DTYPES[args.text_model_dtype], DTYPES[args.vae_model_dtype]
+    text = vae = None
+    if args.text_encoder == "tiny":
+        text = WanTextEncoder.tiny(d_model=args.tiny_text_dim, text_len=args.text_len, seed=args.seed)
+    elif args.text_encoder:
+        text = WanTextEncoder.from_pretrained(args.text_encoder, args.tokenizer, args.text_len, text_dtype)
+    if args.vae == "tiny":
+        vae = WanVAE.tiny(z_dim=args.tiny_z_dim, seed=args.seed)
+    elif args.vae:
+        vae = WanVAE.from_pretrained(args.vae, vae_dtype)
+    if args.source != "videos" and vae is not None:
+        raise SystemExit("--vae needs video: use it with the videos source")
+    if args.negative_prompt and text is None:
+        raise SystemExit("--negative-prompt needs --text-encoder")
+    text = text.to(args.device, text_dtype) if text is not None else None
+    vae = vae.to(args.device, vae_dtype) if vae is not None else None
+    return Encoders(
+        text=text,
+        vae=vae,
+        negative_prompt=args.negative_prompt,
+        keep_video=getattr(args, "keep_video", False),
+        fps=getattr(args, "fps", None) or 16.0,
+        batch_size=args.batch_size,
+        text_dtype=DTYPES[args.text_dtype],
+        latent_dtype=DTYPES[args.latent_dtype],
+    )
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = build_parser().parse_args(argv)
+    if args.source == "benchmark":
+        args.source = "narratives"
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_ONLY}
+    for key in ("file", "first", "second", "folder"):
+        if options.get(key):
+            options[key] = str(Path(options[key]).resolve())
+    items, total = _items(args)
+    sink = ShardSink(
+        args.output,
+        options,
+        max_samples=args.samples_per_shard,
+        max_bytes=parse_size(args.shard_bytes),
+        progress=args.progress,
+        prefix=args.prefix,
+        overwrite=args.overwrite,
+    )
+    urls = sink.urls if sink.done else prepare(items, sink, _encoders(args), total, progress=not args.quiet)
+    print(urls)
+    return urls
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,83 @@
+"""Readers for each kind of source a user brings; each yields Items in a stable order (resume depends on it)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+from data.prepare.core import Item
+from data.video_io import read_video
+
+
+def _lines(path: str | Path) -> list[str]:
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def prompt_file(path: str | Path, num_frames: int | None = None) -> list[Item]:
+    """One prompt per line (VidProM-style lists); blank lines are ignored."""
+    return [
+        Item(f"{i:08d}", [text], None, num_frames, info={"source": Path(path).name, "line": i + 1})
+        for i, text in enumerate(_lines(path))
+        if text
+    ]
+
+
+def switch_pairs(
+    first: str | Path, second: str | Path, num_frames: int | None = None, switch_frame: int | None = None
+) -> list[Item]:
+    """Line-aligned files (LongLive/MemFlow switch prompts): line i of `first` switches to line i of `second`.
+    Without switch_frame the training method picks the switch (as LongLive does)."""
+    a, b = _lines(first), _lines(second)
+    if len(a) != len(b):
+        raise ValueError(f"{first} has {len(a)} lines but {second} has {len(b)}: the files must be line-aligned")
+    if switch_frame is not None and num_frames is not None and not 0 < switch_frame < num_frames:
+        raise ValueError(f"switch frame {switch_frame} is outside (0, {num_frames})")
+    items = []
+    for i, (p, q) in enumerate(zip(a, b, strict=True)):
+        if not p or not q:
+            raise ValueError(f"line {i + 1} is empty in {first if not p else second}")
+        switches = None if switch_frame is None else [switch_frame]
+        items.append(Item(f"{i:08d}", [p, q], switches, num_frames, info={"source": Path(first).name, "line": i + 1}))
+    return items
+
+
+def narrative_jsonl(path: str | Path, frames_per_prompt: int = 40) -> list[Item]:
+    """MemFlow's interactive benchmark format: one {"prompts": [...]} per line, each prompt frames_per_prompt
+    latent frames long (40 = 10 s at 16 fps). Lines may also give their own switch_frames and num_frames (as
+    the synthetic world's narrative sets do)."""
+    items = []
+    for i, line in enumerate(_lines(path)):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+            prompts = record["prompts"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} line {i + 1}: expected a JSON object with a prompts list ({err})") from err
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError(f"{path} line {i + 1}: prompts must be a non-empty list of non-empty strings")
+        switches = record.get("switch_frames", [frames_per_prompt * k for k in range(1, len(prompts))])
+        frames = record.get("num_frames", frames_per_prompt * len(prompts))
+        items.append(Item(f"{i:08d}", prompts, switches, frames, info={"source": Path(path).name, "line": i + 1}))
+    return items
+
+
+def video_folder(
+    folder: str | Path,
+    fps: float | None = None,
+    size: tuple[int, int] | None = None,
+    max_frames: int | None = None,
+) -> Iterator[Item]:
+    """Every *.mp4 in a folder (sorted, recursively) with its caption in the .txt of the same name; a video
+    without a caption is an Item without prompts, which preparation skips with a warning."""
+    for video in sorted(Path(folder).rglob("*.mp4")):
+        caption = video.with_suffix(".txt")
+        text = caption.read_text(encoding="utf-8").strip() if caption.is_file() else ""
+        yield Item(
+            video.relative_to(folder).with_suffix("").as_posix().replace("/", "__").replace(".", "_"),
+            [text] if text else [],
+            video=partial(read_video, video, fps, size, max_frames),
+            info={"source": video.relative_to(folder).as_posix()},
+        )
