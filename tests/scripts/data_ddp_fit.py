@@ -61,6 +61,8 @@ def main(train_urls: str, out_dir: str, max_steps: str, ckpt_path: str | None = 
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("data/")}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"seen": model.seen, "metrics": metrics}))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
