@@ -4,7 +4,8 @@ One chunk = `steps` denoising forwards that read the cache + the clean re-run th
 exactly the generation loop. The history before the measured chunk is written through the real
 cache protocol (prepare / append, bank recording and retrieval) with random keys/values of the
 right shapes, so chunk 60 is measurable without generating 59 chunks first; the measured chunk
-itself runs the full transformer. Variants alternate inside every repeat so drift hits all alike.
+itself runs the full transformer. Every repeat runs all variants in a fresh seeded random order, so
+drift and position effects hit all alike.
 
     python -m memflow_train.benchmarks.memory_overhead --num-layers 2 --chunks 5 60
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from dataclasses import replace
@@ -83,8 +85,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         timesteps = torch.linspace(1000, 250, args.steps, device=device)
         times: dict[tuple[str, int], list[float]] = {key: [] for key in caches}
         attended: dict[tuple[str, int], int] = {}
+        order = list(caches)
+        shuffler = random.Random(0)
         for _ in range(args.repeats):
-            for key, (cache, snapshot) in caches.items():
+            shuffler.shuffle(order)
+            for key in order:
+                cache, snapshot = caches[key]
                 cache.load_state_dict(snapshot)
                 keys_seen.clear()
                 _sync(device)

@@ -271,24 +271,35 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         timestep: torch.Tensor,
         text: torch.Tensor | TextContext,
         window: AttentionWindow | None = None,
-        frame_offset: int = 0,
+        frame_offset: int | None = None,
+        cache: StreamingKVCache | None = None,
+        update_cache: bool = False,
     ) -> torch.Tensor:
-        """Full-sequence flow prediction for latents (B, C, F, H, W).
+        """Flow prediction for latents (B, C, F, H, W); every mode goes through here, so parameter
+        sharding (ZeRO-3, FSDP) sees one forward.
 
-        window=None: bidirectional attention. Otherwise block-causal: each chunk of
-        window.num_frame_per_block frames attends to its sink and local window, exactly what
-        streaming the same frames chunk by chunk would see. frame_offset is the absolute index
-        of the first frame (RoPE position and chunk grid).
+        Full sequence (cache=None): window=None is bidirectional; otherwise block-causal, each
+        chunk of window.num_frame_per_block frames attending to its sink and local window,
+        exactly what streaming the same frames would see. frame_offset (default 0) is the
+        absolute index of the first frame (RoPE position and chunk grid).
+
+        Streaming (cache given): see forward_chunk.
         """
+        text = self._as_text(text)
         attn = get_attention_backend(self.attention_backend)
+        if cache is not None:
+            if window is not None:
+                raise ValueError("streaming takes its window from the cache; pass window or cache, not both")
+            return self._streaming(hidden_states, timestep, text, cache, frame_offset, update_cache, attn)
+        offset = 0 if frame_offset is None else frame_offset
         if window is None:
-            return self._run(hidden_states, timestep, self._as_text(text), frame_offset, lambda i, f, t: attn)
+            return self._run(hidden_states, timestep, text, offset, lambda i, f, t: attn)
         if hidden_states.shape[2] % window.num_frame_per_block:
             raise ValueError(
                 f"{hidden_states.shape[2]} frames are not a whole number of chunks of {window.num_frame_per_block}"
             )
-        make = partial(_block_causal_attend, attn=attn, window=window, frame_offset=frame_offset)
-        return self._run(hidden_states, timestep, self._as_text(text), frame_offset, make)
+        make = partial(_block_causal_attend, attn=attn, window=window, frame_offset=offset)
+        return self._run(hidden_states, timestep, text, offset, make)
 
     def forward_chunk(
         self,
@@ -307,12 +318,22 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         the cache's memory takes in pending frames, retrieving with this text's keys: at a
         prompt switch, the new prompt's. frame_offset defaults to the cache's next frame.
         """
+        return self(hidden_states, timestep, text, frame_offset=frame_offset, cache=cache, update_cache=update_cache)
+
+    def _streaming(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        text: TextContext,
+        cache: StreamingKVCache,
+        frame_offset: int | None,
+        update_cache: bool,
+        attn: Callable,
+    ) -> torch.Tensor:
         if self.config.patch_size[0] != 1:
             raise ValueError("streaming needs temporal patch size 1")
         offset = cache.next_frame if frame_offset is None else frame_offset
         frames = hidden_states.shape[2]
-        text = self._as_text(text)
-        attn = get_attention_backend(self.attention_backend)
         cache.prepare(offset, frames, [text.layer(i) for i in range(len(self.blocks))])
 
         def make_attend(i: int, f: int, tpf: int) -> SelfAttend:
