@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from memflow_train.methods.dmd_losses import critic_flow_loss, dmd_gradient, dmd_loss, guided
-from memflow_train.sampling import FlowMatchSchedule
+from memflow_train.sampling import FlowMatchSchedule, SampleNoise
 
 
 def test_generator_loss_gradient_is_the_normalised_dmd_direction() -> None:
@@ -61,6 +61,6 @@ def test_schedule_matches_self_forcing_warp_and_inverts() -> None:
     per_frame = torch.tensor([[1000.0, 500.0, 250.0, 0.0]] * 2)
     x_t = s.add_noise(x0, noise, per_frame)
     assert torch.allclose(x_t[:, :, 3], x0[:, :, 3]) and torch.allclose(x_t[:, :, 0], noise[:, :, 0])
-    draws = s.sample_training_timesteps(1000, 20.0, 980.0, torch.Generator().manual_seed(0))
+    draws = s.training_timesteps(SampleNoise(0, first_index=0, count=1000), 20.0, 980.0)
     assert draws.min() >= 20.0 and draws.max() <= 980.0
     assert draws.median() > 700  # shift 5 pushes timesteps towards high noise

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from memflow_train.methods.optim import MultiNetworkAdamW, clip_group
+from memflow_train.methods.optim import MultiNetworkAdamW, NonFiniteGradientError
 
 
 def _nets() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -69,22 +69,50 @@ def test_inactive_network_is_untouched_even_with_gradients() -> None:
     assert len(multi.param_groups) == 2
 
 
-def test_clip_group_clips_one_network_by_its_own_norm() -> None:
+def test_each_network_is_clipped_by_its_own_norm_like_clip_grad_norm() -> None:
     gen, critic = _nets()
+    ref_gen, ref_critic = copy.deepcopy(gen), copy.deepcopy(critic)
     multi = MultiNetworkAdamW(
         [
-            {"name": "generator", "params": list(gen.parameters()), "lr": 1.0},
-            {"name": "critic", "params": list(critic.parameters()), "lr": 1.0},
+            {"name": "generator", "params": list(gen.parameters()), "lr": 0.1, "max_grad_norm": 1.0},
+            {"name": "critic", "params": list(critic.parameters()), "lr": 0.1, "max_grad_norm": None},
         ]
     )
-    for p in [*gen.parameters(), *critic.parameters()]:
-        p.grad = torch.full_like(p, 10.0)
-    critic_grads = [p.grad.clone() for p in critic.parameters()]
-    norm = clip_group(multi, "generator", 1.0)
-    assert norm == pytest.approx(10.0 * sum(p.numel() for p in gen.parameters()) ** 0.5)
-    total = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in gen.parameters()]))
-    assert total == pytest.approx(1.0, rel=1e-5)
-    assert all(torch.equal(p.grad, g) for p, g in zip(critic.parameters(), critic_grads, strict=True))
+    plain_gen = torch.optim.AdamW(ref_gen.parameters(), lr=0.1)
+    plain_critic = torch.optim.AdamW(ref_critic.parameters(), lr=0.1)
+    for _ in range(3):
+        for net, ref in ((gen, ref_gen), (critic, ref_critic)):
+            for p, r in zip(net.parameters(), ref.parameters(), strict=True):
+                g = torch.randn_like(p) * 10
+                p.grad, r.grad = g.clone(), g.clone()
+        expected_norm = torch.nn.utils.clip_grad_norm_(ref_gen.parameters(), 1.0)
+        plain_gen.step()
+        plain_critic.step()
+        multi.step()
+        assert torch.equal(multi.grad_norms["generator"], expected_norm)
+    for net, ref in ((gen, ref_gen), (critic, ref_critic)):
+        assert all(torch.equal(p, r) for p, r in zip(net.parameters(), ref.parameters(), strict=True))
+
+
+def test_non_finite_gradients_stop_or_skip_only_that_network() -> None:
+    gen, critic = _nets()
+    groups = lambda: [  # noqa: E731
+        {"name": "generator", "params": list(gen.parameters()), "lr": 0.1},
+        {"name": "critic", "params": list(critic.parameters()), "lr": 0.1},
+    ]
+    for p in gen.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    for p in critic.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(NonFiniteGradientError, match="non-finite generator gradient norm"):
+        MultiNetworkAdamW(groups()).step()
+    before_gen = [p.clone() for p in gen.parameters()]
+    before_critic = [p.clone() for p in critic.parameters()]
+    skipping = MultiNetworkAdamW(groups(), nonfinite="skip")
+    skipping.step()
+    assert skipping.skipped == ["generator"]
+    assert all(torch.equal(a, b) for a, b in zip(before_gen, gen.parameters(), strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(before_critic, critic.parameters(), strict=True))
 
 
 def test_bad_groups_are_refused() -> None:

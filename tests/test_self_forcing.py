@@ -12,6 +12,7 @@ from memflow_train.methods import BackboneSpec, LoraSpec, OptimizerSpec, SelfFor
 from memflow_train.methods.lora import merge_lora
 from memflow_train.methods.optim import MultiNetworkAdamW
 from memflow_train.methods.self_forcing import NonFiniteLossError
+from memflow_train.sampling import SampleNoise
 from tests.method_helpers import dmd_module, fit, prompt_batch
 from tests.wan_helpers import tiny_inputs
 
@@ -31,7 +32,7 @@ def test_only_exit_step_forwards_build_a_graph_and_the_cache_holds_none() -> Non
     new_stream = module.sampler.new_stream
     module.sampler.new_stream = lambda: streams.append(new_stream()) or streams[-1]
     x = module.rollout(texts, step=0, purpose="generator", grad=True)
-    exit_steps = module._draw_exit_steps(2, module._rng(0, "generator/exit", per_rank=False))
+    exit_steps = module._draw_exit_steps(2, module._shared_rng(0, "generator/exit"))
     assert x.requires_grad
     graph_calls = [c for c in calls if c[0]]
     assert len(graph_calls) == 2 and not any(update for _, update in graph_calls)  # one per chunk
@@ -41,19 +42,21 @@ def test_only_exit_step_forwards_build_a_graph_and_the_cache_holds_none() -> Non
         assert all(t.grad_fn is None and not t.requires_grad for t in layer.tensors())
 
 
-def test_exit_steps_are_shared_across_ranks_and_noise_is_not() -> None:
+def test_exit_steps_are_shared_and_noise_follows_the_global_sample_index() -> None:
     module = dmd_module()
-    a = module._draw_exit_steps(7, module._rng(3, "generator/exit", per_rank=False))
-    module._trainer = None
-    b = module._draw_exit_steps(7, module._rng(3, "generator/exit", per_rank=False))
-    assert a == b and all(0 <= s < 4 for s in a)
-    assert module._rng(3, "n", per_rank=True).initial_seed() != module._rng(3, "n", per_rank=False).initial_seed()
+    a = module._draw_exit_steps(7, module._shared_rng(3, "generator/exit"))
+    assert a == module._draw_exit_steps(7, module._shared_rng(3, "generator/exit")) and all(0 <= s < 4 for s in a)
+    assert a != module._draw_exit_steps(7, module._shared_rng(4, "generator/exit"))
+    # Rank 1 of 2 with 2 samples each holds global samples 2 and 3: the same noise one process with all 4 draws.
+    whole = SampleNoise(0, 3, "n", first_index=0, count=4).randn((4, 5))
+    second_rank = SampleNoise(0, 3, "n", first_index=2, count=2).randn((2, 5))
+    assert torch.equal(whole[2:], second_rank) and not torch.equal(whole[:2], second_rank)
     same = dmd_module(same_exit_step_for_all_chunks=True)
-    assert len(set(same._draw_exit_steps(7, same._rng(5, "generator/exit", per_rank=False)))) == 1
+    assert len(set(same._draw_exit_steps(7, same._shared_rng(5, "generator/exit")))) == 1
 
 
 class _Recorder(MultiNetworkAdamW):
-    """Records the (clipped) gradients each step applies, per network."""
+    """Records the gradients (before the optimizer's own clipping) of each step, per network."""
 
     log: list[dict[str, list[torch.Tensor]]] = []
 
@@ -92,6 +95,7 @@ def test_networks_evolve_as_two_independent_adamw_and_generator_rests_on_critic_
             if name in entry:
                 for p, g in zip(params, entry[name], strict=True):
                     p.grad = g
+                torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
                 opt.step()
         live = dict(getattr(module, name).named_parameters())
         for n, p in reference.named_parameters():

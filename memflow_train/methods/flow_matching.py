@@ -18,9 +18,9 @@ from memflow_train.memory import MemoryConfig
 from memflow_train.methods.ema import ParameterEMA
 from memflow_train.methods.hparams import coerce, plain
 from memflow_train.methods.lora import add_lora
-from memflow_train.methods.self_forcing import NonFiniteLossError, seeded
+from memflow_train.methods.self_forcing import NonFiniteLossError
 from memflow_train.methods.specs import BackboneSpec, LoraSpec, OptimizerSpec, TextEncoderSpec
-from memflow_train.sampling import FlowMatchSchedule
+from memflow_train.sampling import FlowMatchSchedule, SampleNoise
 
 
 class LatentBatch(Protocol):
@@ -114,10 +114,10 @@ class FlowMatchingFinetune(LightningModule):
     ) -> torch.Tensor:
         n = self.memory.num_frame_per_block
         b, chunks = x0.shape[0], x0.shape[2] // n
-        rng = seeded(self.hparams.seed, step, "fm", self.global_rank)
+        rng = SampleNoise(self.hparams.seed, step, "fm", first_index=self.global_rank * b, count=b)
         lo, hi = self.hparams.timestep_range
-        t = self.schedule.sample_training_timesteps(b * chunks, lo, hi, generator=rng).view(b, chunks).to(self.device)
-        noise = torch.randn(x0.shape, generator=rng).to(self.device, x0.dtype)
+        t = torch.stack([self.schedule.training_timesteps(rng, lo, hi) for _ in range(chunks)], 1).to(self.device)
+        noise = rng.randn(tuple(x0.shape), self.device, x0.dtype)
         context = self.model.encode_text(caption, mask)
         cache = self.model.new_kv_cache(self.memory)
         losses = []
@@ -148,14 +148,14 @@ class FlowMatchingFinetune(LightningModule):
             self.ema.update(self.model, self.global_step - 1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("text_encoder.")]:
             del state[key]
         if self.ema is not None:
             checkpoint["model_ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.text_encoder is not None:
+        if self.text_encoder is not None and "state_dict" in checkpoint:
             checkpoint["state_dict"].update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})
         if self.ema is not None and "model_ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["model_ema"])

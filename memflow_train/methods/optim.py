@@ -2,24 +2,45 @@
 
 Lightning (and DeepSpeed) drive one optimizer; DMD has a generator and a critic with their own
 learning rates, betas, weight decay, clipping and update schedules. MultiNetworkAdamW holds one
-named parameter group per network and updates only the groups marked active: AdamW keeps its
-moments and step count per parameter, so each network evolves exactly as under its own AdamW.
+named parameter group per network and, in step(), updates only the groups marked active, each
+clipped by its own gradient norm: AdamW keeps its moments and step count per parameter, so each
+network evolves exactly as under its own torch.optim.AdamW with torch's clip_grad_norm_.
+
+Under ZeRO, DeepSpeed hands step() flat fp32 partitions of each group (one group at a time);
+with `grad_norm_group` set, a group's norm is all-reduced over that process group, so clipping
+still uses the whole network's norm.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
+import torch.distributed as dist
+
+
+class NonFiniteGradientError(FloatingPointError):
+    pass
 
 
 class MultiNetworkAdamW(torch.optim.AdamW):
-    def __init__(self, groups: list[dict], foreach: bool | None = None) -> None:
+    def __init__(
+        self,
+        groups: list[dict],
+        nonfinite: Literal["stop", "skip"] = "stop",
+        foreach: bool | None = None,
+    ) -> None:
+        """groups: AdamW parameter groups, each with a unique "name" and an optional "max_grad_norm"."""
         names = [g.get("name") for g in groups]
         if None in names or len(set(names)) != len(names):
             raise ValueError(f"every parameter group needs a unique name, got {names}")
         super().__init__(groups, foreach=foreach)
         self.active: set[str] = set(names)
+        self.nonfinite = nonfinite
+        self.grad_norm_group: dist.ProcessGroup | None = None  # set when gradients are partitioned (ZeRO)
+        self.grad_norms: dict[str, torch.Tensor] = {}  # the latest norm of each stepped network, before clipping
+        self.skipped: list[str] = []  # networks whose non-finite gradients skipped the latest step
 
     def group(self, name: str) -> dict:
         for g in self.param_groups:
@@ -33,22 +54,56 @@ class MultiNetworkAdamW(torch.optim.AdamW):
         if unknown:
             raise KeyError(f"no parameter groups {sorted(unknown)}")
         self.active = names
+        self.grad_norms, self.skipped = {}, []
+
+    def _grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
+        grads = [p.grad for p in params]
+        if not grads:
+            return torch.zeros(())
+        if self.grad_norm_group is None:
+            return torch.nn.utils.get_total_norm(grads)
+        squared = torch.nn.utils.get_total_norm(grads).double() ** 2
+        dist.all_reduce(squared, group=self.grad_norm_group)
+        return squared.sqrt().float()
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 (torch signature)
         all_groups = self.param_groups
-        self.param_groups = [g for g in all_groups if g["name"] in self.active]
+        stepped = []
+        for g in all_groups:
+            params = [p for p in g["params"] if p.grad is not None]
+            if g["name"] not in self.active or not params:
+                continue
+            norm = self._grad_norm(params)
+            self.grad_norms[g["name"]] = norm
+            if not torch.isfinite(norm):
+                if self.nonfinite == "stop":
+                    raise NonFiniteGradientError(f"non-finite {g['name']} gradient norm ({norm.item()})")
+                self.skipped.append(g["name"])
+                continue
+            if g.get("max_grad_norm"):
+                torch.nn.utils.clip_grads_with_norm_(params, g["max_grad_norm"], norm)
+            stepped.append(g)
+        self.param_groups = stepped
         try:
             return super().step(closure)
         finally:
             self.param_groups = all_groups
 
 
-def clip_group(optimizer: MultiNetworkAdamW, name: str, max_norm: float | None) -> torch.Tensor:
-    """Clip one network's gradients by their total norm; returns the norm before clipping."""
-    params = [p for p in optimizer.group(name)["params"] if p.grad is not None]
-    if not params:
-        return torch.tensor(0.0)
-    if max_norm is None:
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+def find_multi_network_optimizer(optimizer: object) -> MultiNetworkAdamW:
+    """The innermost MultiNetworkAdamW inside Lightning's / DeepSpeed's optimizer wrappers.
+
+    Innermost, because LightningOptimizer poses as a subclass of the optimizer it wraps (with a
+    copy of its attributes): setting `active` on the wrapper would not reach the real one.
+    """
+    found, seen = None, optimizer
+    for _ in range(4):
+        if isinstance(seen, MultiNetworkAdamW):
+            found = seen
+        seen = getattr(seen, "optimizer", None)
+        if seen is None:
+            break
+    if found is None:
+        raise TypeError(f"no MultiNetworkAdamW inside {type(optimizer).__name__}")
+    return found

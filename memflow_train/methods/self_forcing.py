@@ -18,7 +18,6 @@ generator update older on those steps.
 from __future__ import annotations
 
 import copy
-import hashlib
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -31,11 +30,11 @@ from memflow_train.methods.dmd_losses import critic_flow_loss, dmd_gradient, dmd
 from memflow_train.methods.ema import ParameterEMA
 from memflow_train.methods.hparams import coerce, plain
 from memflow_train.methods.lora import add_lora
-from memflow_train.methods.optim import MultiNetworkAdamW, clip_group
+from memflow_train.methods.optim import MultiNetworkAdamW, NonFiniteGradientError, find_multi_network_optimizer
 from memflow_train.methods.specs import BackboneSpec, LoraSpec, OptimizerSpec, TextEncoderSpec
 from memflow_train.models.causal_wan import CausalWanTransformer, TextContext
 from memflow_train.rollout import PromptSchedule, StreamingGenerator
-from memflow_train.sampling import FlowMatchSchedule
+from memflow_train.sampling import FlowMatchSchedule, SampleNoise, seeded
 
 # Wan2.1's default negative prompt (the text its T2V pipeline uses).
 WAN_NEGATIVE_PROMPT = (
@@ -68,12 +67,6 @@ class TextBatch:
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-def seeded(*parts: Any, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from its parts (seed, step, purpose, ...), stable across processes and runs."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 class SelfForcingDMD(LightningModule):
@@ -186,9 +179,10 @@ class SelfForcingDMD(LightningModule):
                     "betas": tuple(spec.betas),
                     "eps": spec.eps,
                     "weight_decay": spec.weight_decay,
+                    "max_grad_norm": spec.grad_clip,
                 }
             )
-        optimizer = MultiNetworkAdamW(groups)
+        optimizer = MultiNetworkAdamW(groups, nonfinite=self.hparams.nonfinite)
         ratio = self.hparams.gen_update_ratio
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -198,12 +192,13 @@ class SelfForcingDMD(LightningModule):
 
     # ------------------------------------------------------------------------------------ helpers
 
-    def _rng(self, step: int, purpose: str, per_rank: bool, device: torch.device | None = None) -> torch.Generator:
-        rank = self.global_rank if per_rank else -1
-        return seeded(self.hparams.seed, step, purpose, rank, device=device or torch.device("cpu"))
+    def _shared_rng(self, step: int, purpose: str) -> torch.Generator:
+        """Draws every rank makes identically (exit steps, switch chunks)."""
+        return seeded(self.hparams.seed, step, purpose)
 
-    def _randn(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-        return torch.randn(shape, generator=generator, device=generator.device).to(self.device)
+    def _sample_noise(self, step: int, purpose: str, batch: int) -> SampleNoise:
+        """Per-sample draws keyed by the sample's index in the global batch (ranks hold equal batches)."""
+        return SampleNoise(self.hparams.seed, step, purpose, first_index=self.global_rank * batch, count=batch)
 
     def _texts(self, batch: PromptBatch) -> TextBatch:
         """Prompt and negative embeddings from the batch, else from the configured text encoder."""
@@ -255,7 +250,11 @@ class SelfForcingDMD(LightningModule):
         return torch.randint(steps, (chunks,), generator=generator).tolist()
 
     def _check_finite(self, value: torch.Tensor, network: str, step: int, what: str = "loss") -> bool:
-        if bool(torch.isfinite(value).all()):
+        """The same decision on every rank: one rank's non-finite loss skips (or stops) everywhere."""
+        finite = bool(torch.isfinite(value).all())
+        if self._trainer is not None:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return True
         message = f"non-finite {network} {what} ({value.item()}) at step {step}"
         if self.hparams.nonfinite == "stop":
@@ -270,10 +269,10 @@ class SelfForcingDMD(LightningModule):
         """Generate num_frames latent frames from noise with the generator's own cache (prompt 0)."""
         b = texts.embeds.shape[0]
         c = self.generator.config.in_channels
-        noise_rng = self._rng(step, purpose + "/noise", per_rank=True, device=self.device)
-        noise = self._randn((b, c, self.num_frames, *self.latent_size), noise_rng).to(self.generator.dtype)
+        noise_rng = self._sample_noise(step, purpose + "/noise", b)
+        noise = noise_rng.randn((b, c, self.num_frames, *self.latent_size), self.device, self.generator.dtype)
         chunks = self.num_frames // self.memory.num_frame_per_block
-        exit_steps = self._draw_exit_steps(chunks, self._rng(step, purpose + "/exit", per_rank=False))
+        exit_steps = self._draw_exit_steps(chunks, self._shared_rng(step, purpose + "/exit"))
         self.last_exit_steps = exit_steps
         with torch.set_grad_enabled(grad):
             context = self._context(self.generator, texts.embeds[:, 0], texts.mask[:, 0])
@@ -286,12 +285,9 @@ class SelfForcingDMD(LightningModule):
         self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, step: int, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """DMD loss of generated latents x (with graph) under prompt embeddings cond / negative uncond."""
-        rng = self._rng(step, "dmd", per_rank=True, device=self.device)
-        t = self.schedule.sample_training_timesteps(
-            x.shape[0], *self.hparams.score_timestep_range, generator=self._rng(step, "dmd/t", True)
-        )
-        t = t.to(self.device)
-        x_t = self.schedule.add_noise(x.detach(), self._randn(tuple(x.shape), rng), t)
+        rng = self._sample_noise(step, "dmd", x.shape[0])
+        t = self.schedule.training_timesteps(rng, *self.hparams.score_timestep_range).to(self.device)
+        x_t = self.schedule.add_noise(x.detach(), rng.randn(tuple(x.shape), self.device, x.dtype), t)
         with torch.no_grad():
             _, fake_x0 = self._predict_x0(self.critic, x_t, t, cond)
             _, real = self._predict_x0(
@@ -303,12 +299,9 @@ class SelfForcingDMD(LightningModule):
 
     def critic_loss(self, x: torch.Tensor, cond: torch.Tensor, step: int) -> torch.Tensor:
         """Flow-matching loss of the critic on generated latents x (no graph into the generator)."""
-        rng = self._rng(step, "critic", per_rank=True, device=self.device)
-        t = self.schedule.sample_training_timesteps(
-            x.shape[0], *self.hparams.score_timestep_range, generator=self._rng(step, "critic/t", True)
-        )
-        t = t.to(self.device)
-        noise = self._randn(tuple(x.shape), rng)
+        rng = self._sample_noise(step, "critic", x.shape[0])
+        t = self.schedule.training_timesteps(rng, *self.hparams.score_timestep_range).to(self.device)
+        noise = rng.randn(tuple(x.shape), self.device, x.dtype)
         x_t = self.schedule.add_noise(x.detach(), noise, t)
         flow, _ = self._predict_x0(self.critic, x_t, t, cond)
         return critic_flow_loss(flow, x.detach(), noise)
@@ -350,17 +343,19 @@ class SelfForcingDMD(LightningModule):
             self.ema.update(self.generator, step)
 
     def _step_networks(self, optimizer: Any, trained: list[str], step: int) -> None:
-        inner: MultiNetworkAdamW = optimizer.optimizer
-        specs = self.optimizer_specs
-        active = []
-        for name in trained:
-            norm = clip_group(inner, name, specs[name].grad_clip)
-            self.log(f"train/{name}_grad_norm", norm.float())
-            if self._check_finite(norm, name, step, "gradient norm"):
-                active.append(name)
-        inner.set_active(active)
-        optimizer.step()
+        """Step the trained networks; each is clipped by its own norm inside the optimizer (ZeRO-aware)."""
+        inner = find_multi_network_optimizer(optimizer)
+        inner.set_active(trained)
+        try:
+            optimizer.step()
+        except NonFiniteGradientError as err:
+            raise NonFiniteGradientError(f"{err} at step {step}; set nonfinite: skip to skip such updates") from err
         optimizer.zero_grad(set_to_none=True)
+        for name, norm in inner.grad_norms.items():
+            self.log(f"train/{name}_grad_norm", norm.float())
+        for name in inner.skipped:
+            warnings.warn(f"non-finite {name} gradient norm at step {step}; skipped this update", stacklevel=2)
+            self.log(f"train/{name}_skipped_updates", 1.0, reduce_fx="sum")
         for name in ("generator", "critic"):
             self.log(f"train/{name}_lr", inner.group(name)["lr"])
 
@@ -369,18 +364,21 @@ class SelfForcingDMD(LightningModule):
     _FROZEN_PREFIXES = ("teacher.", "text_encoder.")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Frozen networks come from their configured weights; keep them out of every checkpoint."""
-        state = checkpoint["state_dict"]
+        """Frozen networks come from their configured weights; keep them out of every checkpoint.
+
+        (Under DeepSpeed the engine saves the module itself, excluding frozen parameters.)
+        """
+        state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(self._FROZEN_PREFIXES)]:
             del state[key]
         if self.ema is not None:
             checkpoint["generator_ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict")
         for prefix in self._FROZEN_PREFIXES:
             module = getattr(self, prefix[:-1])
-            if module is not None:
+            if module is not None and state is not None:
                 state.update({prefix + k: v for k, v in module.state_dict().items()})
         if self.ema is not None and "generator_ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["generator_ema"])

@@ -92,7 +92,7 @@ class StreamingLongTuning(SelfForcingDMD):
             )
         n = self.memory.num_frame_per_block
         first, last = -(-self.min_switch_frame // n), self.max_length // n - 1
-        chunk = int(torch.randint(first, max(first, last) + 1, (1,), generator=self._rng(step, "switch", False)))
+        chunk = int(torch.randint(first, max(first, last) + 1, (1,), generator=self._shared_rng(step, "switch")))
         return SequenceState(
             self.sampler.new_stream(), TextBatch(embeds, mask, texts.negative, texts.negative_mask), chunk * n
         )
@@ -107,10 +107,10 @@ class StreamingLongTuning(SelfForcingDMD):
         """Generate the next frames; returns the supervised window and the mask of its new frames."""
         b, c = state.texts.embeds.shape[0], self.generator.config.in_channels
         new = min(self.frames_per_step, self.max_length - state.length)
-        rng = self._rng(step, "stream/noise", per_rank=True, device=self.device)
-        noise = self._randn((b, c, new, *self.latent_size), rng).to(self.generator.dtype)
+        rng = self._sample_noise(step, "stream/noise", b)
+        noise = rng.randn((b, c, new, *self.latent_size), self.device, self.generator.dtype)
         exit_steps = self._draw_exit_steps(
-            new // self.memory.num_frame_per_block, self._rng(step, "stream/exit", False)
+            new // self.memory.num_frame_per_block, self._shared_rng(step, "stream/exit")
         )
         self.last_exit_steps = exit_steps
         start = state.length

@@ -19,7 +19,7 @@ import torch
 from memflow_train.memory import MemoryConfig, StreamingKVCache
 from memflow_train.models.causal_wan import CausalWanTransformer, TextContext
 from memflow_train.rollout.prompts import PromptSchedule
-from memflow_train.sampling import FlowMatchSchedule
+from memflow_train.sampling import FlowMatchSchedule, SampleNoise
 
 
 class Stream:
@@ -80,9 +80,13 @@ class StreamingGenerator:
         text: TextContext,
         exit_step: int | None = None,
         grad: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | SampleNoise | None = None,
     ) -> torch.Tensor:
-        """x0 of one chunk from noise (B, C, n, H, W). Only the exit step's forward keeps a graph (if grad)."""
+        """x0 of one chunk from noise (B, C, n, H, W). Only the exit step's forward keeps a graph (if grad).
+
+        generator: where the renoising draws come from (per-sample SampleNoise in training, a
+        torch.Generator or the global RNG in generation).
+        """
         last = len(self.timesteps) - 1 if exit_step is None else exit_step
         if not 0 <= last < len(self.timesteps):
             raise ValueError(f"exit step {exit_step} outside the {len(self.timesteps)} denoising steps")
@@ -93,7 +97,7 @@ class StreamingGenerator:
                 flow = self.model.forward_chunk(x, t, text, stream.cache)
                 x0 = self.schedule.x0_from_flow(x, flow, t)
             if i < last:
-                fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                fresh = _randn_like(x, generator)
                 x = self.schedule.add_noise(x0, fresh, self._t(self.timesteps[i + 1], x))
         return x0
 
@@ -128,7 +132,7 @@ class StreamingGenerator:
         prompts: PromptSchedule,
         exit_steps: list[int] | None = None,
         grad_from_frame: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | SampleNoise | None = None,
     ) -> torch.Tensor:
         """Generate noise.shape[2] frames (whole chunks) continuing `stream`; returns their x0.
 
@@ -154,3 +158,9 @@ class StreamingGenerator:
             self.write_chunk(stream, x0.detach(), text)
             outputs.append(x0)
         return torch.cat(outputs, 2)
+
+
+def _randn_like(x: torch.Tensor, source: torch.Generator | SampleNoise | None) -> torch.Tensor:
+    if isinstance(source, SampleNoise):
+        return source.randn(tuple(x.shape), x.device, x.dtype)
+    return torch.randn(x.shape, generator=source, device=x.device, dtype=x.dtype)

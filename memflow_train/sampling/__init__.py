@@ -1,5 +1,6 @@
-"""Few-step flow-matching sampling: the shifted schedule and its conversions."""
+"""Few-step flow-matching sampling: the shifted schedule, its conversions, reproducible noise."""
 
 from memflow_train.sampling.flow_matching import FlowMatchSchedule
+from memflow_train.sampling.noise import SampleNoise, seeded
 
-__all__ = ["FlowMatchSchedule"]
+__all__ = ["FlowMatchSchedule", "SampleNoise", "seeded"]

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from memflow_train.sampling.noise import SampleNoise
+
 
 class FlowMatchSchedule:
     def __init__(self, shift: float = 5.0, num_train_timesteps: int = 1000) -> None:
@@ -59,9 +61,7 @@ class FlowMatchSchedule:
     def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return noise - x0
 
-    def sample_training_timesteps(
-        self, batch: int, min_t: float, max_t: float, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def training_timesteps(self, noise: SampleNoise, min_t: float, max_t: float) -> torch.Tensor:
         """Per-sample t: uniform integer in [0, N), shifted, clamped to [min_t, max_t] (DMD, critic)."""
-        raw = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator).double()
-        return (self.shift_sigma(raw / self.num_train_timesteps) * self.num_train_timesteps).clamp(min_t, max_t).float()
+        raw = noise.randint(self.num_train_timesteps).double() / self.num_train_timesteps
+        return (self.shift_sigma(raw) * self.num_train_timesteps).clamp(min_t, max_t).float()
