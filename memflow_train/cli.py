@@ -12,16 +12,24 @@ os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from memflow_train.tracking import LoggedConfigCallback, WandbRunIdCallback, default_wandb_offline, resume_wandb_run
+
 # Our DMD modules step their optimizer inside training_step; a checkpoint after step N holds the
 # state after N updates, which is what resuming needs. Lightning warns about that on every save.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 
 
 class MemflowCLI(LightningCLI):
-    """`python train.py {fit,validate,test,predict} --config configs/X.yaml [--config strategy.yaml]`."""
+    """`python train.py {fit,validate,test,predict} --config configs/X.yaml [--config configs/strategies/Y.yaml]`.
+
+    Besides LightningCLI: the whole config goes to the loggers, W&B runs offline without an API
+    key, and a run resumed with --ckpt_path continues its W&B run.
+    """
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        default_wandb_offline()
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", LoggedConfigCallback)
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -31,3 +39,7 @@ class MemflowCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def before_fit(self) -> None:
+        self.trainer.callbacks.append(WandbRunIdCallback())
+        resume_wandb_run(self.trainer, self.config["fit"].get("ckpt_path"))

@@ -7,11 +7,15 @@ from contextlib import contextmanager
 
 import torch
 
+from memflow_train.strategies.zero import full_parameters
+
 
 class ParameterEMA:
     """shadow <- decay * shadow + (1 - decay) * param after each update from start_update on.
 
-    The shadow starts as a copy at the first update >= start_update (Self-Forcing's EMA_FSDP).
+    The shadow starts as a copy at the first update >= start_update (Self-Forcing's EMA_FSDP). It
+    is a full fp32 copy on every rank (parameters partitioned by ZeRO-3 are gathered to update it),
+    so rank 0 saves it whole in checkpoints.
     """
 
     def __init__(self, decay: float, start_update: int = 0) -> None:
@@ -26,11 +30,12 @@ class ParameterEMA:
         if update_index < self.start_update:
             return
         params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-        if not self.shadow:
-            self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
-            return
-        for name, p in params.items():
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+        with full_parameters(list(params.values())):
+            if not self.shadow:
+                self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+                return
+            for name, p in params.items():
+                self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
 
     @contextmanager
     def swapped_in(self, module: torch.nn.Module) -> Iterator[None]:
@@ -39,14 +44,15 @@ class ParameterEMA:
             yield
             return
         params = dict(module.named_parameters())
-        live = {n: params[n].detach().clone() for n in self.shadow}
-        with torch.no_grad():
+        targets = [params[n] for n in self.shadow]
+        with full_parameters(targets, modify=True), torch.no_grad():
+            live = {n: params[n].detach().clone() for n in self.shadow}
             for n, t in self.shadow.items():
                 params[n].copy_(t)
         try:
             yield
         finally:
-            with torch.no_grad():
+            with full_parameters(targets, modify=True), torch.no_grad():
                 for n, t in live.items():
                     params[n].copy_(t)
 

@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule
 
 from memflow_train.memory import MemoryConfig
 from memflow_train.methods.ema import ParameterEMA
-from memflow_train.methods.hparams import coerce, plain
+from memflow_train.methods.hparams import coerce, save_plain_hyperparameters
 from memflow_train.methods.lora import add_lora
 from memflow_train.methods.self_forcing import NonFiniteLossError
 from memflow_train.methods.specs import BackboneSpec, LoraSpec, OptimizerSpec, TextEncoderSpec
@@ -55,7 +55,7 @@ class FlowMatchingFinetune(LightningModule):
         model, memory = coerce(BackboneSpec, model), coerce(MemoryConfig, memory)
         optimizer, lora = coerce(OptimizerSpec, optimizer), coerce(LoraSpec, lora)
         text_encoder = coerce(TextEncoderSpec, text_encoder)
-        self.save_hyperparameters(plain({k: v for k, v in locals().items() if k not in ("self", "__class__")}))
+        save_plain_hyperparameters(self, locals())
         self.optimizer_spec = optimizer
         self.model = model.build()
         if lora is not None:

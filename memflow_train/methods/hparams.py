@@ -36,3 +36,18 @@ def coerce(cls: type[T], value: T | dict | None) -> T | None:
         origin = typing.get_origin(hints.get(name))
         fields[name] = tuple(v) if origin is tuple and isinstance(v, list) else v
     return cls(**fields)
+
+
+def save_plain_hyperparameters(module: Any, values: dict[str, Any]) -> None:
+    """module.save_hyperparameters with plain data.
+
+    Built by LightningCLI, the module takes the CLI's own record (the parsed config as plain data,
+    with the class path that LightningCLI needs to resume from --ckpt_path); built in Python, the
+    given init values turned into plain data.
+    """
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    if _given_hyperparameters.get() is not None:
+        module.save_hyperparameters()
+    else:
+        module.save_hyperparameters(plain({k: v for k, v in values.items() if k not in ("self", "__class__")}))

@@ -28,7 +28,7 @@ from lightning.pytorch import LightningModule
 from memflow_train.memory import MemoryConfig
 from memflow_train.methods.dmd_losses import critic_flow_loss, dmd_gradient, dmd_loss, guided
 from memflow_train.methods.ema import ParameterEMA
-from memflow_train.methods.hparams import coerce, plain
+from memflow_train.methods.hparams import coerce, save_plain_hyperparameters
 from memflow_train.methods.lora import add_lora
 from memflow_train.methods.optim import MultiNetworkAdamW, NonFiniteGradientError, find_multi_network_optimizer
 from memflow_train.methods.specs import BackboneSpec, LoraSpec, OptimizerSpec, TextEncoderSpec
@@ -110,7 +110,7 @@ class SelfForcingDMD(LightningModule):
         )
         generator_lora, critic_lora = coerce(LoraSpec, generator_lora), coerce(LoraSpec, critic_lora)
         text_encoder = coerce(TextEncoderSpec, text_encoder)
-        self.save_hyperparameters(plain({k: v for k, v in locals().items() if k not in ("self", "__class__")}))
+        save_plain_hyperparameters(self, locals())
         self.optimizer_specs = {"generator": generator_optimizer, "critic": critic_optimizer}
         if gen_update_ratio < 1:
             raise ValueError(f"gen_update_ratio must be >= 1, got {gen_update_ratio}")

@@ -25,7 +25,9 @@ class BackboneSpec:
     """A Wan transformer: a preset (+ overrides) with random weights, or weights from a local path.
 
     weights accepts everything load_transformer does (diffusers or original Wan folders, single
-    files, LongLive / Self-Forcing / MemFlow checkpoints, our Lightning checkpoints).
+    files, LongLive / Self-Forcing / MemFlow checkpoints) and our own training checkpoints (.ckpt
+    files or DeepSpeed directories; checkpoint_key: generator, critic, model, +"_ema"; default: the
+    trained network's EMA weights).
     """
 
     preset: str | None = "tiny"
@@ -43,6 +45,12 @@ class BackboneSpec:
     def build(self) -> CausalWanTransformer:
         dtype = torch_dtype(self.dtype)
         if self.weights is not None:
+            from memflow_train.methods.checkpoints import is_training_checkpoint, load_trained_network
+
+            if is_training_checkpoint(self.weights):  # one of our runs: its recorded spec completes frozen weights
+                key = self.checkpoint_key
+                network = key.removesuffix("_ema") if key else None
+                return load_trained_network(self.weights, network, ema=key is None or key.endswith("_ema"), dtype=dtype)
             config = self.architecture() if (self.preset or self.config) else None
             return load_transformer(
                 self.weights,

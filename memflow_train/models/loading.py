@@ -7,8 +7,9 @@ Accepted sources:
 - a LongLive / Self-Forcing / MemFlow training checkpoint: a dict with `generator_ema`, `generator`
   or `model` entries whose keys carry the wrapper's `model.` prefix (and FSDP / compile
   wrapper pieces), optionally with a `generator_lora` PEFT state, or with LoRA in a second file,
-- a memflow-train Lightning checkpoint (.ckpt): the generator (EMA weights when present) or
-  another network by checkpoint_key, its LoRA adapters merged.
+- a memflow-train Lightning checkpoint (.ckpt file, or the directory DeepSpeed writes, whose
+  ZeRO shards are consolidated): the generator (EMA weights when present) or another network by
+  checkpoint_key, its LoRA adapters merged.
 
 Original key names go through diffusers' own single-file conversion. Every source is checked
 against the architecture before any weight is copied; a mismatch raises CheckpointMismatchError
@@ -131,6 +132,39 @@ def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if any(k.startswith("head.") or ".self_attn." in k or ".cross_attn." in k for k in out):
         out = convert_wan_transformer_to_diffusers(out)
     return out
+
+
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    """A DeepSpeed checkpoint directory as Lightning writes it (`latest` + the tag folder)."""
+    return path.is_dir() and (path / "latest").is_file()
+
+
+def read_deepspeed_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Consolidate a (ZeRO-sharded) DeepSpeed checkpoint directory into one Lightning-style dict.
+
+    fp32 weights gathered from every rank's partitions under "state_dict" (frozen parameters the
+    run excluded are absent), plus the Lightning client state saved by rank 0 (hyperparameters,
+    EMA, loops, ...). Nothing is written to disk.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_file
+    from lightning.pytorch.utilities.deepspeed import ds_checkpoint_dir
+
+    path = Path(path)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path))
+    folder = Path(ds_checkpoint_dir(str(path)))
+    optim_files = sorted(folder.glob("*_optim_states.pt"))
+    zero_stage = 0
+    if optim_files:
+        zero_stage = torch.load(optim_files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"][
+            "zero_stage"
+        ]
+    client = torch.load(get_model_state_file(str(folder), zero_stage), map_location="cpu", weights_only=False)
+    engine_keys = {"module", "optimizer", "lr_scheduler", "csr_tensor_module_names", "skipped_steps", "global_steps",
+                   "dp_world_size", "mp_world_size", "buffer_names", "param_shapes", "frozen_param_shapes",
+                   "shared_params", "frozen_param_fragments", "ds_config", "ds_version"}  # fmt: skip
+    checkpoint = {k: v for k, v in client.items() if k not in engine_keys}
+    checkpoint["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in state.items()}
+    return checkpoint
 
 
 # ------------------------------------------------------------------------------------------ LoRA
@@ -266,6 +300,31 @@ def _folder_shapes(folder: Path) -> dict[str, torch.Size]:
     return shapes
 
 
+def _recorded_file_config(path: Path) -> dict[str, Any] | None:
+    """The architecture `memflow_train.export --format safetensors` stores in the file's metadata."""
+    if path.suffix != ".safetensors":
+        return None
+    with safe_open(path, framework="pt") as f:
+        raw = (f.metadata() or {}).get("memflow_train_config")
+    return json.loads(raw) if raw else None
+
+
+def _from_checkpoint(
+    ckpt: dict[str, Any],
+    source: Path,
+    config: dict[str, Any] | None,
+    checkpoint_key: str | None,
+    lora_alpha: float | None,
+    dtype: torch.dtype | None,
+) -> CausalWanTransformer:
+    state, lora_state, recorded_alpha = split_checkpoint(ckpt, checkpoint_key)
+    state = normalize_keys(state)
+    if lora_state is not None:
+        state = merge_lora(state, lora_state, lora_alpha if lora_alpha is not None else recorded_alpha)
+    config = config or _recorded_architecture(ckpt, checkpoint_key) or _recorded_file_config(source)
+    return _from_state(state, config or infer_wan_config(state), str(source), dtype)
+
+
 def load_transformer(
     source: str | Path,
     config: dict[str, Any] | str | None = None,
@@ -286,7 +345,9 @@ def load_transformer(
     source = Path(source)
     if isinstance(config, str):
         config = wan_config(config)
-    if source.is_dir():
+    if is_deepspeed_checkpoint(source):
+        model = _from_checkpoint(read_deepspeed_checkpoint(source), source, config, checkpoint_key, lora_alpha, dtype)
+    elif source.is_dir():
         folder = source / "transformer" if (source / "transformer" / "config.json").is_file() else source
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{source} is a folder without config.json (or transformer/config.json)")
@@ -301,15 +362,8 @@ def load_transformer(
                 skeleton = CausalWanTransformer.from_config(CausalWanTransformer.load_config(folder))
             check_state_dict(skeleton, _folder_shapes(folder), str(folder))
             model = CausalWanTransformer.from_pretrained(folder, torch_dtype=dtype or torch.float32)
-        lora_state = None
     else:
-        ckpt = read_weights(source)
-        state, lora_state, recorded_alpha = split_checkpoint(ckpt, checkpoint_key)
-        state = normalize_keys(state)
-        if lora_state is not None:
-            state = merge_lora(state, lora_state, lora_alpha if lora_alpha is not None else recorded_alpha)
-        config = config or _recorded_architecture(ckpt, checkpoint_key) or infer_wan_config(state)
-        model = _from_state(state, config, str(source), dtype)
+        model = _from_checkpoint(read_weights(source), source, config, checkpoint_key, lora_alpha, dtype)
     if lora is not None:
         extra = read_weights(lora)
         extra = next((extra[k] for k in LORA_KEYS if _is_tensor_dict(extra.get(k))), extra)

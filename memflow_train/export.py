@@ -1,0 +1,62 @@
+"""Export a trained network for inference: python -m memflow_train.export CHECKPOINT OUTPUT.
+
+CHECKPOINT is a memflow-train checkpoint: a Lightning .ckpt file or the directory DeepSpeed writes
+(its ZeRO shards are consolidated). The network (default: the generator, with its EMA weights when
+the run kept them) gets its frozen weights back from the recorded spec and its LoRA adapters merged.
+OUTPUT is a diffusers folder (config.json + safetensors: loads with load_transformer, our configs'
+`weights:`, and diffusers' WanTransformer3DModel.from_pretrained) or one .safetensors file carrying
+its architecture in the metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from memflow_train.methods.checkpoints import load_trained_network
+from memflow_train.methods.specs import torch_dtype
+from memflow_train.models.causal_wan import CausalWanTransformer
+
+CONFIG_METADATA_KEY = "memflow_train_config"
+
+
+def export(
+    checkpoint: str | Path,
+    output: str | Path,
+    network: str | None = None,
+    ema: bool = True,
+    fmt: str = "diffusers",
+    dtype: str = "float32",
+) -> CausalWanTransformer:
+    model = load_trained_network(checkpoint, network, ema=ema, dtype=torch_dtype(dtype))
+    output = Path(output)
+    if fmt == "diffusers":
+        model.save_pretrained(output)
+    elif fmt == "safetensors":
+        output.parent.mkdir(parents=True, exist_ok=True)
+        config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, output, metadata={"format": "pt", CONFIG_METADATA_KEY: json.dumps(config)})
+    else:
+        raise ValueError(f"unknown format {fmt!r}: diffusers or safetensors")
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a memflow-train .ckpt file or DeepSpeed checkpoint directory")
+    parser.add_argument("output", help="a folder (--format diffusers) or a .safetensors file")
+    parser.add_argument("--network", default=None, help="generator, critic or model (default: the trained one)")
+    parser.add_argument("--live-weights", action="store_true", help="export the live weights, not the EMA")
+    parser.add_argument("--format", default="diffusers", choices=["diffusers", "safetensors"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    model = export(args.checkpoint, args.output, args.network, not args.live_weights, args.format, args.dtype)
+    print(f"wrote {args.output}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+
+
+if __name__ == "__main__":
+    main()
