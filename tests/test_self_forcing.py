@@ -219,3 +219,22 @@ def test_lightning_checkpoint_loads_into_the_backbone_with_ema_and_lora(tmp_path
         assert (critic(x, t, text) - module.critic(x, t, text)).abs().max() <= 1e-5
     restored = SelfForcingDMD.load_from_checkpoint(path, weights_only=True)
     assert restored.optimizer_specs == module.optimizer_specs and restored.memory == module.memory
+
+
+def test_text_encoder_loads_only_when_a_batch_lacks_embeddings() -> None:
+    from memflow_train.methods import TextEncoderSpec
+    from memflow_train.models.text_encoder import WanTextEncoder
+
+    spec = TextEncoderSpec(tiny_d_model=16, text_len=8)
+    module = dmd_module(text_encoder=spec)
+    module._texts(prompt_batch())  # precomputed embeddings: the encoder stays unbuilt
+    assert module.text_encoder._encoder is None
+    assert "text_encoder" not in dict(module.named_children())
+    batch = prompt_batch(prompts=2)
+    batch.prompt_embeds = batch.negative_embeds = None
+    texts = module._texts(batch)
+    expected, mask = WanTextEncoder.tiny(d_model=16, text_len=8)(batch.prompts[0])
+    assert torch.equal(texts.embeds[0], expected) and torch.equal(texts.mask[0], mask)
+    assert texts.negative.shape == (2, 8, 16)
+    with pytest.raises(ValueError, match="text_encoder width 8 differs from generator.text_dim 16"):
+        dmd_module(text_encoder=TextEncoderSpec(tiny_d_model=8))

@@ -19,7 +19,7 @@ from memflow_train.methods.ema import ParameterEMA
 from memflow_train.methods.hparams import coerce, save_plain_hyperparameters
 from memflow_train.methods.lora import add_lora
 from memflow_train.methods.self_forcing import NonFiniteLossError
-from memflow_train.methods.specs import BackboneSpec, LoraSpec, OptimizerSpec, TextEncoderSpec
+from memflow_train.methods.specs import BackboneSpec, LoraSpec, OnDemandTextEncoder, OptimizerSpec, TextEncoderSpec
 from memflow_train.sampling import FlowMatchSchedule, SampleNoise
 
 
@@ -61,10 +61,10 @@ class FlowMatchingFinetune(LightningModule):
         if lora is not None:
             add_lora(self.model, lora)
         self.model.gradient_checkpointing = gradient_checkpointing
-        self.text_encoder = text_encoder.build() if text_encoder is not None else None
-        if self.text_encoder is not None and self.text_encoder.d_model != self.model.config.text_dim:
+        self.text_encoder = OnDemandTextEncoder(text_encoder) if text_encoder is not None else None
+        if self.text_encoder is not None and self.text_encoder.width != self.model.config.text_dim:
             raise ValueError(
-                f"text_encoder width {self.text_encoder.d_model} differs from model.text_dim {self.model.config.text_dim}"
+                f"text_encoder width {self.text_encoder.width} differs from model.text_dim {self.model.config.text_dim}"
             )
         n = memory.num_frame_per_block
         if max_frames is not None and (max_frames < n or max_frames % n):
@@ -94,7 +94,7 @@ class FlowMatchingFinetune(LightningModule):
             return batch.prompt_embeds[:, 0].to(self.device, self.model.dtype), batch.prompt_mask[:, 0].to(self.device)
         if self.text_encoder is None:
             raise ValueError("the batch has no prompt_embeds and no text_encoder is configured")
-        embeds, mask = self.text_encoder([p[0] for p in batch.prompts])
+        embeds, mask = self.text_encoder([p[0] for p in batch.prompts], self.device)
         return embeds.to(self.device, self.model.dtype), mask.to(self.device)
 
     def _frames(self, batch: LatentBatch) -> torch.Tensor:
@@ -148,14 +148,9 @@ class FlowMatchingFinetune(LightningModule):
             self.ema.update(self.model, self.global_step - 1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("text_encoder.")]:
-            del state[key]
         if self.ema is not None:
             checkpoint["model_ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.text_encoder is not None and "state_dict" in checkpoint:
-            checkpoint["state_dict"].update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})
         if self.ema is not None and "model_ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["model_ema"])

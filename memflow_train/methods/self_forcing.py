@@ -31,7 +31,7 @@ from memflow_train.methods.ema import ParameterEMA
 from memflow_train.methods.hparams import coerce, save_plain_hyperparameters
 from memflow_train.methods.lora import add_lora
 from memflow_train.methods.optim import MultiNetworkAdamW, NonFiniteGradientError, find_multi_network_optimizer
-from memflow_train.methods.specs import BackboneSpec, LoraSpec, OptimizerSpec, TextEncoderSpec
+from memflow_train.methods.specs import BackboneSpec, LoraSpec, OnDemandTextEncoder, OptimizerSpec, TextEncoderSpec
 from memflow_train.models.causal_wan import CausalWanTransformer, TextContext
 from memflow_train.rollout import PromptSchedule, StreamingGenerator
 from memflow_train.sampling import FlowMatchSchedule, SampleNoise, seeded
@@ -128,7 +128,7 @@ class SelfForcingDMD(LightningModule):
         self.generator = generator.build()
         self.teacher = teacher.build().requires_grad_(False)
         self.critic = critic.build() if critic is not None else copy.deepcopy(self.teacher).requires_grad_(True)
-        self.text_encoder = text_encoder.build() if text_encoder is not None else None
+        self.text_encoder = OnDemandTextEncoder(text_encoder) if text_encoder is not None else None
         self._check_shapes(latent_size)
         if generator_lora is not None:
             add_lora(self.generator, generator_lora)
@@ -158,9 +158,9 @@ class SelfForcingDMD(LightningModule):
         h, w = latent_size
         if h % g.patch_size[1] or w % g.patch_size[2]:
             raise ValueError(f"latent_size {tuple(latent_size)} is not divisible by the patch size {g.patch_size}")
-        if self.text_encoder is not None and self.text_encoder.d_model != g.text_dim:
+        if self.text_encoder is not None and self.text_encoder.width != g.text_dim:
             raise ValueError(
-                f"text_encoder width {self.text_encoder.d_model} differs from generator.text_dim {g.text_dim}"
+                f"text_encoder width {self.text_encoder.width} differs from generator.text_dim {g.text_dim}"
             )
 
     def configure_optimizers(self) -> dict:
@@ -208,7 +208,7 @@ class SelfForcingDMD(LightningModule):
         elif self.text_encoder is not None:
             counts = [len(p) for p in batch.prompts]
             flat = [p for ps in batch.prompts for p in ps]
-            e, m = self.text_encoder(flat)
+            e, m = self.text_encoder(flat, self.device)
             embeds = torch.zeros(len(counts), max(counts), *e.shape[1:], dtype=e.dtype, device=e.device)
             mask = torch.zeros(len(counts), max(counts), e.shape[1], dtype=torch.bool, device=e.device)
             i = 0
@@ -221,7 +221,7 @@ class SelfForcingDMD(LightningModule):
             negative, negative_mask = batch.negative_embeds, batch.negative_mask
         elif self.text_encoder is not None:
             if self._negative_cache is None:
-                self._negative_cache = self.text_encoder([self.hparams.negative_prompt])
+                self._negative_cache = self.text_encoder([self.hparams.negative_prompt], self.device)
             n, nm = self._negative_cache
             negative, negative_mask = n.expand(embeds.shape[0], -1, -1), nm.expand(embeds.shape[0], -1)
         else:
@@ -361,7 +361,7 @@ class SelfForcingDMD(LightningModule):
 
     # ------------------------------------------------------------------------------------ checkpoints
 
-    _FROZEN_PREFIXES = ("teacher.", "text_encoder.")
+    _FROZEN_PREFIXES = ("teacher.",)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Frozen networks come from their configured weights; keep them out of every checkpoint.

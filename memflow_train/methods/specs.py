@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,14 +81,45 @@ class TextEncoderSpec:
     dtype: str = "bfloat16"
     seed: int = 0
 
-    def build(self) -> WanTextEncoder:
+    def __post_init__(self) -> None:
         if (self.path is None) == (self.tiny_d_model is None):
             raise ValueError("text_encoder: set exactly one of path (real UMT5) and tiny_d_model (random tiny)")
+
+    def width(self) -> int:
+        """The embedding width, read from the encoder's config.json without loading its weights."""
+        if self.tiny_d_model is not None:
+            return self.tiny_d_model
+        folder = Path(self.path)
+        config = folder / "text_encoder" / "config.json"
+        config = config if config.is_file() else folder / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"text_encoder: no UMT5 config.json at {self.path} (or its text_encoder/)")
+        return int(json.loads(config.read_text())["d_model"])
+
+    def build(self) -> WanTextEncoder:
         if self.path is not None:
             return WanTextEncoder.from_pretrained(
                 self.path, self.tokenizer_path, self.text_len, torch_dtype(self.dtype)
             )
         return WanTextEncoder.tiny(d_model=self.tiny_d_model, text_len=self.text_len, seed=self.seed)
+
+
+class OnDemandTextEncoder:
+    """The text encoder, built the first time a batch comes without precomputed embeddings.
+
+    Runs on precomputed shards never load it. Not a registered submodule: it is frozen, and stays
+    out of checkpoints, optimizers and DeepSpeed's engine.
+    """
+
+    def __init__(self, spec: TextEncoderSpec) -> None:
+        self.spec = spec
+        self.width = spec.width()
+        self._encoder: WanTextEncoder | None = None
+
+    def __call__(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._encoder is None:
+            self._encoder = self.spec.build().to(device)
+        return self._encoder(prompts)
 
 
 @dataclass(frozen=True)
