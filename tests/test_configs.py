@@ -8,7 +8,9 @@ import pytest
 
 from memflow_train.cli import MemflowCLI
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(ROOT.glob("configs/*.yaml"))
+SNIPPETS = sorted(ROOT.glob("configs/*/*.yaml"))
 
 
 class ParseOnlyCLI(MemflowCLI):
@@ -33,6 +35,14 @@ def test_config_parses(path: Path) -> None:
     cli = ParseOnlyCLI(args=["--config", str(path)], run=False)
     assert cli.config.model.class_path.startswith("memflow_train.methods.")
     assert cli.config.data.class_path.startswith("data.")
+
+
+@pytest.mark.parametrize("path", SNIPPETS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_snippet_composes_with_a_recipe(path: Path) -> None:
+    """Strategy and logger snippets go on top of a recipe as a second --config."""
+    cli = ParseOnlyCLI(args=["--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(path)], run=False)
+    key = "strategy" if path.parent.name == "strategies" else "logger"
+    assert cli.config.trainer[key] not in (None, "auto")
 
 
 def test_a_wrong_key_is_rejected_with_its_name(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

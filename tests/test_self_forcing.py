@@ -238,3 +238,23 @@ def test_text_encoder_loads_only_when_a_batch_lacks_embeddings() -> None:
     assert texts.negative.shape == (2, 8, 16)
     with pytest.raises(ValueError, match="text_encoder width 8 differs from generator.text_dim 16"):
         dmd_module(text_encoder=TextEncoderSpec(tiny_d_model=8))
+
+
+def test_validation_is_repeatable_and_leaves_training_unchanged() -> None:
+    import lightning as L
+
+    from tests.method_helpers import loader
+
+    def trainer(**kwargs) -> L.Trainer:
+        return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, **kwargs)  # fmt: skip
+
+    module = dmd_module()
+    first = trainer().validate(module, loader(3), verbose=False)
+    assert first == trainer().validate(module, loader(3), verbose=False)
+    assert {"val/generator_loss", "val/critic_loss"} <= set(first[0])
+    plain, validated = dmd_module(), dmd_module()
+    trainer(max_steps=4).fit(plain, loader(8))
+    trainer(max_steps=4, val_check_interval=2, limit_val_batches=2).fit(validated, loader(8), loader(2))
+    for (name, a), b in zip(plain.state_dict().items(), validated.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -140,8 +140,16 @@ class FlowMatchingFinetune(LightningModule):
                 raise NonFiniteLossError(message + "; set nonfinite: skip to skip such steps")
             self.log("train/skipped_steps", 1.0, reduce_fx="sum")
             return None  # Lightning skips the optimizer step
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.prompts))
         return loss
+
+    def validation_step(self, batch: LatentBatch, batch_idx: int) -> None:
+        """The loss on a held-out batch; draws keyed by the batch index, so every validation is the same."""
+        caption, mask = self._caption(batch)
+        frames = self._frames(batch)
+        with torch.no_grad():
+            loss = self.flow_matching_loss(frames, caption, mask, -1 - batch_idx)
+        self.log("val/loss", loss, sync_dist=True, batch_size=frames.shape[0])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:

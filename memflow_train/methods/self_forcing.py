@@ -326,6 +326,19 @@ class SelfForcingDMD(LightningModule):
         losses["critic"] = self.critic_loss(self.critic_samples(texts, step), texts.embeds[:, 0], step)
         self.update_networks(losses, step)
 
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """Both losses on a held-out batch, without updates: a fresh rollout (prompt 0) per batch, its draws
+        keyed by the batch index (negative "steps", disjoint from training's) so every validation is the same."""
+        key = -1 - batch_idx
+        texts = self._texts(batch)
+        with torch.no_grad():
+            x = self.rollout(texts, key, "val", grad=False)
+            generator_loss, _ = self.distribution_matching_loss(x, texts.embeds[:, 0], texts.negative, key)
+            critic_loss = self.critic_loss(x, texts.embeds[:, 0], key)
+        b = x.shape[0]
+        self.log("val/generator_loss", generator_loss.float(), sync_dist=True, batch_size=b)
+        self.log("val/critic_loss", critic_loss.float(), sync_dist=True, batch_size=b)
+
     def update_networks(self, losses: dict[str, torch.Tensor], step: int) -> None:
         """One backward over the finite losses, then one optimizer step of the networks they trained.
 
