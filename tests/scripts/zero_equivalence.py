@@ -60,6 +60,7 @@ def main(mode: str, batches_file: str, out_file: str, steps: str) -> None:
             f"--trainer.max_steps={steps}", f"--trainer.default_root_dir={Path(out_file).parent}",
             "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             f"--trainer.callbacks=[{json.dumps(checkpoint)}]", "--trainer.use_distributed_sampler=false",
+            "--trainer.limit_val_batches=0",
             "--model.init_args.gen_update_ratio=2", "--model.init_args.ema_start_step=2",
         ],
         run=False,
