@@ -33,16 +33,29 @@ VARIANTS = {
 }
 
 
-def fill_history(cache: StreamingKVCache, text: TextContext, chunks: int, kv_shape: tuple[int, ...]) -> None:
-    """Write `chunks` chunks of random keys/values through the cache protocol."""
+def fill_history(
+    cache: StreamingKVCache, text: TextContext, chunks: int, kv_shape: tuple[int, ...], pool: int = 0
+) -> None:
+    """Write `chunks` chunks of random keys/values through the cache protocol.
+
+    pool > 0 cycles through that many random chunks per layer instead of drawing every chunk afresh
+    (drawing is slow on CPU; long histories then fill in seconds, with the same cache work).
+    """
     n = cache.config.num_frame_per_block
     texts = [text.layer(i) for i in range(len(cache))]
     gen = torch.Generator(device="cpu").manual_seed(0)
+    drawn: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for c in range(chunks):
         cache.prepare(c * n, n, texts)
         for i, layer in enumerate(cache.layers):
-            k = torch.randn(kv_shape, generator=gen).to(text.keys[i])
-            v = torch.randn(kv_shape, generator=gen).to(text.keys[i])
+            slot = (i, c % pool) if pool > 0 else None
+            if slot in drawn:
+                k, v = drawn[slot]
+            else:
+                k = torch.randn(kv_shape, generator=gen).to(text.keys[i])
+                v = torch.randn(kv_shape, generator=gen).to(text.keys[i])
+                if slot is not None:
+                    drawn[slot] = (k, v)
             layer.append(k, v, c * n, n, texts[i])
 
 
@@ -53,6 +66,8 @@ def _sync(device: torch.device) -> None:
 
 def run(args: argparse.Namespace) -> list[dict]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.num_layers is None:  # on GPU: the whole network
+        args.num_layers = wan_config(args.preset)["num_layers"]
     config = wan_config(args.preset, num_layers=args.num_layers)
     torch.manual_seed(0)
     with torch.device(device):
@@ -77,7 +92,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             mem = replace(VARIANTS[name], num_frame_per_block=args.frames_per_chunk)
             for chunk in args.chunks:
                 cache = model.new_kv_cache(mem)
-                fill_history(cache, text, chunk, (1, heads, args.frames_per_chunk * tpf, head_dim))
+                kv_shape = (1, heads, args.frames_per_chunk * tpf, head_dim)
+                fill_history(cache, text, chunk, kv_shape, getattr(args, "history_pool", 0))
                 caches[(name, chunk)] = (cache, cache.state_dict())
 
         n = args.frames_per_chunk
@@ -105,7 +121,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for (name, chunk), ts in times.items():
         cache, _ = caches[(name, chunk)]
-        seconds = statistics.median(ts)
+        seconds = statistics.median(ts) if args.statistic == "median" else min(ts)
         rows.append(
             {
                 "variant": name,
@@ -129,7 +145,7 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print(
         f"preset {args.preset}, {args.num_layers} blocks, {args.height}x{args.width} px, "
         f"{args.frames_per_chunk} frames/chunk, {args.steps} denoising steps + 1 cache write per chunk, "
-        f"{args.dtype} on {args.device}, median of {args.repeats}"
+        f"{args.dtype} on {args.device}, {args.statistic} of {args.repeats}"
     )
     print("| variant | chunk | s/chunk | latent frames/s | attended frames | cache MiB | vs off | vs first chunk |")
     print("|---|---|---|---|---|---|---|---|")
@@ -141,10 +157,15 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="wan2.1-t2v-1.3b")
-    parser.add_argument("--num-layers", type=int, default=2, help="transformer blocks (the preset's width/heads)")
+    parser.add_argument(
+        "--num-layers",
+        type=int,
+        default=None if torch.cuda.is_available() else 2,
+        help="transformer blocks of the preset's width and heads (default: 2 on CPU, all on GPU)",
+    )
     parser.add_argument("--height", type=int, default=480, help="video height in pixels (latent = /8)")
     parser.add_argument("--width", type=int, default=832, help="video width in pixels (latent = /8)")
     parser.add_argument("--text-len", type=int, default=512)
@@ -155,8 +176,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--history-pool", type=int, default=0, help="cycle this many random history chunks (0: all fresh)"
+    )
+    parser.add_argument(
+        "--statistic",
+        choices=["median", "min"],
+        default="median",
+        help="of the repeats; min suits a shared machine (interference only adds time)",
+    )
     parser.add_argument("--json", default=None, help="write the rows here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     rows = run(args)
     print_table(rows, args)
     if args.json:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
 
 class WanVAE(torch.nn.Module):
@@ -113,6 +114,10 @@ class WanVAE(torch.nn.Module):
             out.append(self.vae.decode(z * std + mean).sample.clamp(-1, 1))
         return torch.cat(out)
 
+    def streaming_decoder(self) -> StreamingDecoder:
+        """A decoder that takes a long video's latents chunk by chunk and returns each chunk's frames."""
+        return StreamingDecoder(self)
+
     @staticmethod
     def to_uint8(video: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3), for writing files."""
@@ -128,3 +133,45 @@ class WanVAE(torch.nn.Module):
         self.vae.register_to_config(
             latents_mean=z.mean(dims).tolist(), latents_std=z.std(dims).clamp_min(1e-6).tolist()
         )
+
+
+class StreamingDecoder:
+    """Decode latents chunk by chunk with the VAE's causal feature cache kept between chunks.
+
+    AutoencoderKLWan decodes one latent frame at a time, each causal convolution caching the last
+    frames of its input; decode() clears that cache per call. Keeping it across calls makes the
+    frames of consecutive chunks exactly those of one decode() of the whole video, while memory
+    stays that of one chunk: the first latent frame gives 1 video frame, every later one
+    `temporal_stride` frames.
+    """
+
+    def __init__(self, vae: WanVAE) -> None:
+        self.vae = vae
+        self._feat_map: list[torch.Tensor | None] = [None] * vae.vae._cached_conv_counts["decoder"]
+        self.frames_decoded = 0  # latent frames so far
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The next latent frames (B, z_dim, n, H', W') -> their video frames (B, 3, T, H, W) in [-1, 1]."""
+        vae = self.vae
+        if latents.ndim != 5 or latents.shape[1] != vae.z_dim:
+            raise ValueError(f"latents are (B, {vae.z_dim}, T, H, W), got {tuple(latents.shape)}")
+        param = next(vae.vae.parameters())
+        z = latents.to(param.device, param.dtype)
+        mean, std = vae._stats(z)
+        x = vae.vae.post_quant_conv(z * std + mean)
+        out = []
+        for i in range(x.shape[2]):
+            out.append(
+                vae.vae.decoder(
+                    x[:, :, i : i + 1],
+                    feat_cache=self._feat_map,
+                    feat_idx=[0],
+                    first_chunk=self.frames_decoded == 0,
+                )
+            )
+            self.frames_decoded += 1
+        video = torch.cat(out, 2)
+        if vae.vae.config.patch_size is not None:
+            video = unpatchify(video, patch_size=vae.vae.config.patch_size)
+        return video.clamp(-1, 1)

@@ -1,0 +1,52 @@
+"""Per-chunk streaming cost against history length (up to ~1000 latent frames), memory off / NAM / NAM+SMA.
+
+The measurement is memory_overhead's (one chunk = the denoising forwards + the cache write, the
+history written through the real cache protocol), at chunk indices spanning a long video, all
+variants and positions interleaved in every repeat. A streaming generator whose cost grew with
+history would show it here; the NAM bank fills over its first record_interval * bank_size chunks
+after the window, then the attended frames stay fixed.
+
+    python -m memflow_train.benchmarks.cost_growth --num-layers 1 --chunks 5 12 60 332
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from memflow_train.benchmarks.memory_overhead import build_parser, run
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    n = args.frames_per_chunk
+    print(
+        f"preset {args.preset}, {args.num_layers} blocks, {args.height}x{args.width} px, {n} frames/chunk, "
+        f"{args.steps} denoising steps + 1 cache write per chunk, {args.dtype} on {args.device}, "
+        f"{args.statistic} of {args.repeats}; s/chunk (attended frames) and change vs chunk {min(args.chunks)}"
+    )
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    print("| chunk | history (latent frames) | " + " | ".join(variants) + " |")
+    print("|---|---|" + "---|" * len(variants))
+    by = {(r["variant"], r["chunk"]): r for r in rows}
+    for chunk in sorted(args.chunks):
+        cells = []
+        for v in variants:
+            r = by[(v, chunk)]
+            cells.append(f"{r['seconds_per_chunk']:.3f} ({r['attended_frames']}) {r['vs_first_chunk']:+.1%}")
+        print(f"| {chunk} | {chunk * n} | " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = build_parser(__doc__)
+    parser.set_defaults(chunks=[5, 12, 60, 332], history_pool=4, statistic="min")
+    args = parser.parse_args(argv)
+    rows = run(args)
+    print_table(rows, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from memflow_train.generation.cli import main
+
+main()

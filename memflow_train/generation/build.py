@@ -1,0 +1,150 @@
+"""The networks and sampling settings a generation run uses, from a checkpoint and/or a training config.
+
+Settings come, in order of precedence, from the command's flags, the training config (--config, its
+model.init_args) or a memflow-train Lightning checkpoint's hyperparameters, then MemFlow's defaults.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from memflow_train.memory import MemoryConfig
+from memflow_train.methods.hparams import coerce
+from memflow_train.methods.specs import BackboneSpec, TextEncoderSpec, torch_dtype
+from memflow_train.models.causal_wan import CausalWanTransformer, cast_keeping_fp32
+from memflow_train.models.loading import load_transformer
+from memflow_train.models.text_encoder import WanTextEncoder
+from memflow_train.models.vae import WanVAE
+
+MEMORY_MODES = {"off": {"enabled": False}, "on": {"enabled": True, "sma": False}, "sma": {"enabled": True, "sma": True}}
+MEMORY_KNOBS = (
+    "bank_size",
+    "record_interval",
+    "prototype",
+    "relevance_softmax",
+    "sma_topk",
+    "sma_include_sink",
+    "sink_size",
+    "local_attn_size",
+    "num_frame_per_block",
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a training run fixed that generation must match."""
+
+    generator: BackboneSpec | None = None
+    memory: MemoryConfig = MemoryConfig()
+    denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
+    timestep_shift: float = 5.0
+    context_timestep: float = 0.0
+    latent_size: tuple[int, int] | None = None
+    text_encoder: TextEncoderSpec | None = None
+
+    @classmethod
+    def from_init_args(cls, args: dict[str, Any]) -> Recipe:
+        """From a method's init args (a config's model.init_args or a checkpoint's hyper_parameters)."""
+        net = args.get("generator", args.get("model"))
+        fields: dict[str, Any] = {
+            "generator": coerce(BackboneSpec, net) if isinstance(net, dict | BackboneSpec) else None,
+            "memory": coerce(MemoryConfig, args.get("memory")) or MemoryConfig(),
+            "text_encoder": coerce(TextEncoderSpec, args.get("text_encoder")),
+        }
+        for key in ("denoising_steps", "latent_size"):
+            if args.get(key) is not None:
+                fields[key] = tuple(args[key])
+        for key in ("timestep_shift", "context_timestep"):
+            if args.get(key) is not None:
+                fields[key] = float(args[key])
+        return cls(**fields)
+
+
+def recipe_from_config(path: str | Path) -> Recipe:
+    """A training YAML (LightningCLI): model.init_args holds the generator spec and sampling settings."""
+    config = yaml.safe_load(Path(path).read_text())
+    model = (config or {}).get("model") if isinstance(config, dict) else None
+    args = model.get("init_args", model) if isinstance(model, dict) else None
+    if not isinstance(args, dict) or not isinstance(args.get("generator", args.get("model")), dict):
+        raise ValueError(f"{path}: expected model.init_args.generator (or .model) with the backbone spec")
+    return Recipe.from_init_args(args)
+
+
+def recipe_from_checkpoint(path: str | Path) -> Recipe | None:
+    """The hyperparameters of a memflow-train Lightning checkpoint (None for other weight sources)."""
+    path = Path(path)
+    if path.suffix != ".ckpt" or not path.is_file():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    return Recipe.from_init_args(hparams) if isinstance(hparams, dict) else None
+
+
+def with_memory_flags(memory: MemoryConfig, mode: str | None, **knobs: Any) -> MemoryConfig:
+    """memory with --memory on/off/sma and the knobs that were given (None = keep)."""
+    changes = dict(MEMORY_MODES[mode]) if mode is not None else {}
+    unknown = set(knobs) - set(MEMORY_KNOBS)
+    if unknown:
+        raise ValueError(f"unknown memory knobs {sorted(unknown)}")
+    changes.update({k: v for k, v in knobs.items() if v is not None})
+    return replace(memory, **changes)
+
+
+def load_generator(
+    spec: BackboneSpec | None,
+    checkpoint: str | None,
+    checkpoint_key: str | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> CausalWanTransformer:
+    """The causal generator: the checkpoint's weights (the architecture of `spec`, a config's generator,
+    when given; else what the checkpoint records or its shapes say), or `spec` alone (its own weights,
+    else random ones, with a warning)."""
+    if checkpoint is not None:
+        config = spec.architecture() if spec is not None else None
+        model = load_transformer(checkpoint, config, checkpoint_key=checkpoint_key, dtype=dtype)
+    elif spec is not None:
+        if spec.weights is None:
+            warnings.warn("the config's generator has no weights: generating with random weights", stacklevel=2)
+        model = cast_keeping_fp32(spec.build(), dtype)
+    else:
+        raise ValueError("pass --checkpoint and/or --config")
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_text_encoder(
+    recipe: Recipe,
+    path: str | None,
+    tokenizer: str | None,
+    text_len: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> WanTextEncoder:
+    if path is not None:
+        spec_len = recipe.text_encoder.text_len if recipe.text_encoder is not None else 512
+        encoder = WanTextEncoder.from_pretrained(path, tokenizer, text_len or spec_len, dtype)
+    elif recipe.text_encoder is not None:
+        spec = recipe.text_encoder if text_len is None else replace(recipe.text_encoder, text_len=text_len)
+        encoder = spec.build()
+    else:
+        raise ValueError("pass --text-encoder (a Wan folder with text_encoder/ and tokenizer/, or a UMT5 folder)")
+    return encoder.to(device)
+
+
+def load_vae(path: str | None, text_encoder_path: str | None, dtype: torch.dtype, device: torch.device) -> WanVAE:
+    """--vae, else the text encoder's folder when it holds vae/ too (a Wan diffusers folder, the demo data)."""
+    if path is None and text_encoder_path is not None and (Path(text_encoder_path) / "vae").is_dir():
+        path = text_encoder_path
+    if path is None:
+        raise ValueError("pass --vae (a Wan folder with vae/, or a VAE folder)")
+    return WanVAE.from_pretrained(path, dtype).to(device)
+
+
+def parse_dtype(name: str | None, default: str) -> torch.dtype:
+    return torch_dtype(name or default)
