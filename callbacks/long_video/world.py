@@ -1,0 +1,178 @@
+"""Exact consistency on the synthetic world: what a video shows (read from its pixels) against the truth.
+
+The world draws flat-coloured shapes over two-tone scenes, so a frame's content can be read back exactly:
+pixels near a subject colour form connected blobs, each blob's shape is the world's shape template that
+fits it best, and the scene is the one whose two tones match the top and bottom rows. `annotate` turns a
+video into per-frame annotations in the renderer's format (scene, subjects with shape and colour), and
+`WorldConsistency` compares them with the ground truth: per frame (subjects recalled, subjects invented,
+scene), and for every returning subject whether it comes back with the shape and colour it had before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+from data.synthetic.world import COLOURS, SCENES, SHAPES
+from data.synthetic.world import _mask as shape_mask
+
+Look = tuple[str, str]  # (shape, colour)
+
+
+def _components(mask: torch.Tensor) -> torch.Tensor:
+    """Connected components (8-neighbourhood) of boolean masks (N, H, W): labels (N, H, W), 0 = background."""
+    n, h, w = mask.shape
+    labels = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, h, w).expand(n, h, w) * mask
+    while True:  # every pixel takes the largest label around it until each blob holds one label
+        grown = F.max_pool2d(labels.unsqueeze(1), 3, stride=1, padding=1).squeeze(1) * mask
+        if torch.equal(grown, labels):
+            return labels.long()
+        labels = grown
+
+
+# Each shape's height in radii, and its centre's distance below the top in radii (a triangle's centre is one
+# radius below its apex, its base 0.8 radius below the centre).
+_SPANS = {"circle": (2.0, 1.0), "square": (1.7, 0.85), "diamond": (2.0, 1.0), "triangle": (1.8, 1.0)}
+_JITTER = (-0.5, -0.25, 0.0, 0.25, 0.5)  # pixel offsets tried for the template's radius and centre
+
+
+def _best_shape(blob: np.ndarray) -> str:
+    """The world's shape whose template, fitted to the blob's bounding box, overlaps the blob most (IoU).
+
+    The template's size and centre come from the box up to a pixel's rounding, so a few offsets are tried."""
+    ys, xs = np.nonzero(blob)
+    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    crop = blob[max(0, top - 2) : bottom + 2, max(0, left - 2) : right + 2]
+    oy, ox = max(0, top - 2), max(0, left - 2)
+    yy, xx = np.mgrid[0 : crop.shape[0], 0 : crop.shape[1]].astype(np.float32) + 0.5
+    yy, xx = yy + oy, xx + ox
+    height, cx = bottom - top, (left + right) / 2
+    jitter = np.array(np.meshgrid(_JITTER, _JITTER, _JITTER, indexing="ij")).reshape(3, -1, 1, 1)
+    best, best_iou = SHAPES[0], -1.0
+    for shape, (span, centre_below_top) in _SPANS.items():
+        r = height / span + jitter[0]
+        templates = shape_mask(shape, xx - cx - jitter[1], yy - (top + centre_below_top * r) - jitter[2], r)
+        iou = ((templates & crop).sum((1, 2)) / np.maximum(1, (templates | crop).sum((1, 2)))).max()
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return best
+
+
+def annotate(frames: torch.Tensor, tolerance: int = 40, min_area: int = 6) -> list[dict[str, Any]]:
+    """Per frame of uint8 video (T, H, W, 3): {"scene": name or None, "subjects": [{"shape", "colour", "x",
+    "y"}]}. A subject is a blob of at least min_area pixels within tolerance (per channel) of a world colour;
+    x, y are its centre as fractions of the frame."""
+    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 frames (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+    t, h, w, _ = frames.shape
+    x = frames.int()
+    palette = torch.tensor(list(COLOURS.values()))  # (K, 3)
+    near = (x[:, None] - palette[None, :, None, None]).abs().amax(-1) <= tolerance  # (T, K, H, W)
+    planes = torch.nonzero(near.sum((2, 3)) >= min_area).tolist()  # (frame, colour) pairs worth a look
+    labels = _components(torch.stack([near[f, k] for f, k in planes])).numpy() if planes else None
+    found: dict[int, list[dict[str, Any]]] = {f: [] for f in range(t)}
+    names = list(COLOURS)
+    for i, (f, k) in enumerate(planes):
+        ids, counts = np.unique(labels[i], return_counts=True)
+        for label, area in zip(ids, counts, strict=True):
+            if label == 0 or area < min_area:
+                continue
+            blob = labels[i] == label
+            ys, xs = np.nonzero(blob)
+            found[f].append(
+                {
+                    "shape": _best_shape(blob),
+                    "colour": names[k],
+                    "x": round(float(xs.mean() + 0.5) / w, 4),
+                    "y": round(float(ys.mean() + 0.5) / h, 4),
+                }
+            )
+    return [{"scene": _scene(x[f], tolerance), "subjects": found[f]} for f in range(t)]
+
+
+def _scene(frame: torch.Tensor, tolerance: int) -> str | None:
+    """The scene whose upper and lower colours match the frame's top and bottom rows (median), or None."""
+    top, bottom = frame[0].median(0).values, frame[-1].median(0).values
+    best, best_error = None, tolerance + 1
+    for name, (upper, lower, _) in SCENES.items():
+        error = max((top - torch.tensor(upper)).abs().max(), (bottom - torch.tensor(lower)).abs().max())
+        if error < best_error:
+            best, best_error = name, int(error)
+    return best
+
+
+def _looks(note: dict[str, Any]) -> set[Look]:
+    return {(s["shape"], s["colour"]) for s in note["subjects"]}
+
+
+def returning_events(segment_subjects: list[set[int]]) -> list[tuple[int, int, int]]:
+    """(subject, segment it returns in, last earlier segment that showed it) for every subject absent from the
+    segment before and seen earlier: the world's `returning`."""
+    events = []
+    for r in range(2, len(segment_subjects)):
+        for s in sorted(segment_subjects[r] - segment_subjects[r - 1]):
+            earlier = [e for e in range(r - 1) if s in segment_subjects[e]]
+            if earlier:
+                events.append((s, r, earlier[-1]))
+    return events
+
+
+class WorldConsistency(Metric):
+    """Predicted annotations (annotate's format) against the truth (the renderer's: segment, scene, subjects
+    with id, shape and colour), frame by frame.
+
+    subject_recall: truth subjects whose look (shape, colour) the frame shows; subject_precision: shown
+    subjects that are in the truth; scene_accuracy: frames showing the right scene. return_consistency: of the
+    returning subjects shown in their earlier segment (in at least `presence` of its frames), the share shown
+    again with the same look in the segment they return in; return_events counts those subjects.
+    """
+
+    full_state_update = False
+    COUNTS = ("recalled", "truth", "correct", "shown", "scene_hits", "frames", "kept", "returns")
+
+    def __init__(self, presence: float = 0.5, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.presence = presence
+        for name in self.COUNTS:
+            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, predicted: list[dict[str, Any]], truth: list[dict[str, Any]]) -> None:
+        if len(predicted) != len(truth):
+            raise ValueError(f"{len(predicted)} predicted frames for {len(truth)} annotated frames")
+        for p, t in zip(predicted, truth, strict=True):
+            shown, true = _looks(p), _looks(t)
+            self.recalled += len(shown & true)
+            self.truth += len(true)
+            self.correct += len(shown & true)
+            self.shown += len(shown)
+            self.scene_hits += p["scene"] == t["scene"]
+            self.frames += 1
+        segments = sorted({t["segment"] for t in truth})
+        frames_of = {k: [i for i, t in enumerate(truth) if t["segment"] == k] for k in segments}
+        members = [{s["id"] for i in frames_of[k] for s in truth[i]["subjects"]} for k in segments]
+        look = {s["id"]: (s["shape"], s["colour"]) for t in truth for s in t["subjects"]}
+
+        def present(k: int, subject: int) -> bool:
+            hits = sum(look[subject] in _looks(predicted[i]) for i in frames_of[segments[k]])
+            return hits >= self.presence * len(frames_of[segments[k]])
+
+        for subject, r, e in returning_events(members):
+            if present(e, subject):
+                self.returns += 1
+                self.kept += present(r, subject)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        def ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a / b if b else torch.tensor(float("nan"), dtype=torch.float64, device=b.device)
+
+        return {
+            "world/subject_recall": ratio(self.recalled, self.truth),
+            "world/subject_precision": ratio(self.correct, self.shown),
+            "world/scene_accuracy": ratio(self.scene_hits, self.frames),
+            "world/return_consistency": ratio(self.kept, self.returns),
+            "world/return_events": self.returns.clone(),
+        }
