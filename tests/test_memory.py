@@ -165,6 +165,45 @@ def test_sma_with_small_k_equals_dense_attention_over_selected_frames(include_si
             assert (got[b, h] - _dense(q[b, h], keys, values)).abs().max() <= 1e-5
 
 
+def test_sma_kept_candidates_follow_the_bank_rewinds_and_reloads_without_a_second_copy() -> None:
+    """SMA keeps sink + bank as one tensor between calls. Every call must still equal the selection over
+    freshly concatenated candidates while the bank changes, after a rewind and after a state reload."""
+    cfg = MemoryConfig(bank_size=2, record_interval=1, sink_size=3, local_attn_size=6, sma=True, sma_topk=2)
+    text = _prompt(torch.randn(D))
+    cache = LayerKVCache(cfg)
+
+    def check(start: int) -> None:
+        q, k, v = (torch.randn(B, H, 3 * T, D) for _ in range(3))
+        got_k, got_v = cache.kv_for_attention(q, k, v, start, 3)
+        sink, window = cache.visible_runs(start, 3)
+        bank = [(cache.bank.k, cache.bank.v)] if len(cache.bank) else []
+        cand = [(r.frames_view(r.k), r.frames_view(r.v)) for r in sink] + bank
+        memory_k, memory_v = [], []
+        if cand:  # none while the first chunk is written
+            cand_k, cand_v = (torch.cat([c[i] for c in cand], 2).clone() for i in (0, 1))
+            mk, mv, _ = select_memory_frames(q, cand_k, cand_v, 2)
+            memory_k, memory_v = [mk], [mv]
+        assert torch.equal(got_k, torch.cat([*memory_k, *[r.k for r in window], k], 2))
+        assert torch.equal(got_v, torch.cat([*memory_v, *[r.v for r in window], v], 2))
+        cache.append(k, v, start, 3, text)
+
+    for c in range(10):
+        cache.prepare(3 * c, 3, text)
+        check(3 * c)
+    assert len(cache.bank) == 2
+    assert cache.sink.k.untyped_storage().data_ptr() == cache.bank.k.untyped_storage().data_ptr()
+    cache.rewind(24)
+    for c in (8, 9):
+        cache.prepare(3 * c, 3, text)
+        check(3 * c)
+    restored = LayerKVCache(cfg)
+    restored.load_state_dict(cache.state_dict())
+    cache = restored
+    for c in (10, 11):
+        cache.prepare(3 * c, 3, text)
+        check(3 * c)
+
+
 def test_sma_selection_is_per_head_and_in_temporal_order() -> None:
     k = torch.randn(1, 2, 5, T, D)
     q = torch.zeros(1, 2, 3, D)

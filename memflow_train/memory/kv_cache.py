@@ -77,10 +77,13 @@ class LayerKVCache:
         self.local: FrameRun | None = None
         self.next_frame = 0
         self.floor = 0  # window frames below this were dropped by a rewind and are not expected
+        self._candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see _sma_candidates
+        self._candidate_sources: tuple = (None, None)  # the sink run and bank.k they were built from
 
     def reset(self) -> None:
         self.sink = self.local = None
         self.next_frame = self.floor = 0
+        self._candidates, self._candidate_sources = None, (None, None)
         if self.bank is not None:
             self.bank.reset()
 
@@ -132,8 +135,11 @@ class LayerKVCache:
                 memory_k = [r.frames_view(r.k) for r in sink_runs] + memory_k
                 memory_v = [r.frames_view(r.v) for r in sink_runs] + memory_v
                 keys, values = [], []
-            if memory_k:
-                mk, mv, _ = select_memory_frames(q, _cat(memory_k), _cat(memory_v), self.config.sma_topk)
+            candidates = self._sma_candidates(sink_runs) if memory_k else None
+            if candidates is None and memory_k:
+                candidates = (_cat(memory_k), _cat(memory_v), None)
+            if candidates is not None:
+                mk, mv, _ = select_memory_frames(q, *candidates[:2], self.config.sma_topk, key_means=candidates[2])
                 keys.append(mk)
                 values.append(mv)
         elif memory_k:
@@ -142,6 +148,34 @@ class LayerKVCache:
         keys += [r.k for r in window_runs] + [k]
         values += [r.v for r in window_runs] + [v]
         return _cat(keys), _cat(values)
+
+    def _sma_candidates(self, sink_runs: list[FrameRun]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """SMA's candidate frames as one tensor (B, H, n, T, D) with their mean keys, kept between calls.
+
+        Concatenating the sink and the bank, and averaging their keys, at every attention call costs
+        as much as SMA saves; they only change when the bank takes a frame or the sink is written.
+        So they are built once, and the sink and the bank are re-pointed to views of the one tensor
+        (no second copy). None when only part of the sink is visible (first chunks): the caller
+        concatenates.
+        """
+        bank = self.bank
+        sink = self.sink if self.config.sma_include_sink else None
+        visible = [r is sink for r in sink_runs] == ([True] if sink is not None else [])
+        if bank is None or not len(bank) or (self.config.sma_include_sink and not visible):
+            return None
+        built_from = self._candidate_sources
+        if self._candidates is None or built_from[0] is not sink or built_from[1] is not bank.k:
+            if sink is not None:
+                n = sink.num_frames
+                k = torch.cat([sink.frames_view(sink.k), bank.k], 2)
+                v = torch.cat([sink.frames_view(sink.v), bank.v], 2)
+                sink = self.sink = FrameRun(k[:, :, :n].flatten(2, 3), v[:, :, :n].flatten(2, 3), sink.start, n)
+                bank.k, bank.v = k[:, :, n:], v[:, :, n:]
+            else:
+                k, v = bank.k, bank.v
+            self._candidates = (k, v, k.float().mean(3))
+            self._candidate_sources = (sink, bank.k)
+        return self._candidates
 
     def append(
         self, k: torch.Tensor, v: torch.Tensor, chunk_start: int, num_frames: int, text: TextKeys | None = None
@@ -196,6 +230,7 @@ class LayerKVCache:
         if ("bank" in state) != (self.bank is not None):
             raise ValueError("cache state and cache disagree on whether the memory bank is enabled")
         self.sink, self.local = load(state["sink"]), load(state["local"])
+        self._candidates, self._candidate_sources = None, (None, None)
         self.next_frame, self.floor = int(state["next_frame"]), int(state["floor"])
         if self.bank is not None:
             self.bank.load_state_dict(state["bank"])
