@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from data.synthetic.world import COLOURS, SCENES, SHAPES
-from data.synthetic.world import _mask as shape_mask
+from data.synthetic.world import COLOURS, SCENES, SHAPES, shape_mask
 
 Look = tuple[str, str]  # (shape, colour)
 

@@ -144,7 +144,8 @@ def sample_narrative(rng: random.Random, segment_frames: list[int], num_subjects
 # ------------------------------------------------------------------------------------------ rendering
 
 
-def _mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """Pixels a shape of radius r covers at offsets (dx, dy) from its centre (shared by renderer and evaluation)."""
     if shape == "circle":
         return dx**2 + dy**2 <= r**2
     if shape == "square":
@@ -189,7 +190,7 @@ def render(
         for sid in seg.subjects:
             s = narrative.subjects[sid]
             x, y = pos[sid]
-            img[_mask(s.shape, xx - x * width, yy - y * height, s.size * unit)] = COLOURS[s.colour]
+            img[shape_mask(s.shape, xx - x * width, yy - y * height, s.size * unit)] = COLOURS[s.colour]
             visible.append({**asdict(s), "x": round(float(x), 4), "y": round(float(y), 4)})
         notes.append({"frame": f, "latent_frame": lf, "segment": k, "scene": seg.scene, "subjects": visible})
         # Every subject keeps moving while away, so one that returns shows up somewhere else.
