@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,13 @@ def test_a_wrong_key_is_rejected_with_its_name(tmp_path: Path, capsys: pytest.Ca
     with pytest.raises(SystemExit):
         ParseOnlyCLI(args=["--config", str(bad)], run=False)
     assert "gen_update_ration" in capsys.readouterr().err
+
+
+def test_readme_yaml_snippets_compose_with_a_recipe(tmp_path: Path) -> None:
+    """The YAML the README shows users is valid on top of the demo recipe (its class paths and keys)."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks
+    for i, block in enumerate(blocks):
+        snippet = tmp_path / f"readme_{i}.yaml"
+        snippet.write_text(block)
+        ParseOnlyCLI(args=["--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(snippet)], run=False)
