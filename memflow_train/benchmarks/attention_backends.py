@@ -12,29 +12,23 @@ seeded order. "first call" is the first call's time: compilation for flex.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import statistics
 import time
 
 import torch
 
+from memflow_train.benchmarks.common import add_measurement_args, publish, summarize, sync
 from memflow_train.models import fused_attention
 from memflow_train.models.attention import get_attention_backend
 from memflow_train.models.presets import wan_config
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn, *args) -> tuple[torch.Tensor, float]:  # noqa: ANN001
     device = args[0].device
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     out = fn(*args)
-    _sync(device)
+    sync(device)
     return out, time.perf_counter() - start
 
 
@@ -64,7 +58,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 times[(b, f)].append(_timed(get_attention_backend(b), q, *kv[f])[1])
     rows = []
     for b, f in cases:
-        seconds = statistics.median(times[(b, f)]) if args.statistic == "median" else min(times[(b, f)])
+        seconds = summarize(times[(b, f)], args.statistic)
         rows.append(
             {
                 "backend": b,
@@ -110,20 +104,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--frames-per-chunk", type=int, default=3)
     p.add_argument("--key-frames", type=int, nargs="+", default=[12, 15], help="frames attended (incl. the chunk)")
     p.add_argument("--backends", nargs="+", default=default_backends)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--statistic", choices=["median", "min"], default="median", help="min suits a shared machine")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--json", default=None, help="write the rows here")
+    add_measurement_args(p, repeats=5)
     args = p.parse_args(argv)
     if "sdpa" not in args.backends:
         args.backends.insert(0, "sdpa")  # the reference
-    rows = run(args)
-    print_table(rows, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-    return rows
+    return publish(run(args), args, print_table)
 
 
 if __name__ == "__main__":

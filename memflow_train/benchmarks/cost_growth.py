@@ -12,8 +12,8 @@ after the window, then the attended frames stay fixed.
 from __future__ import annotations
 
 import argparse
-import json
 
+from memflow_train.benchmarks.common import publish
 from memflow_train.benchmarks.memory_overhead import build_parser, run
 
 
@@ -40,12 +40,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser(__doc__)
     parser.set_defaults(chunks=[5, 12, 60, 332], history_pool=4, statistic="min")
     args = parser.parse_args(argv)
-    rows = run(args)
-    print_table(rows, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-    return rows
+    return publish(run(args), args, print_table)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ rollout and flow-matching loss, one backward, one optimizer step of both network
 exactly as in training, timed from batch start to batch end (device-synchronised). Peak memory counts
 the tensors created during the step (activations, graphs, cache, gradients, first-step optimizer
 state): the allocator's peak on GPU, counted storages on CPU (see tensor_memory). Every repeat runs
-every variant in a fresh seeded order, each with a fresh Trainer (so every step is a generator step).
+every variant in a fresh seeded order, each with a freshly built module (the same seeded weights, no
+optimizer state) and Trainer: every step is a first generator step, and one variant's networks are in
+memory at a time (keeping all of them across repeats exhausted 24 GB at the 1.3B layout).
 
     python -m memflow_train.benchmarks.dmd_step --num-layers 1 --num-frames 21
 """
@@ -14,9 +16,8 @@ every variant in a fresh seeded order, each with a fresh Trainer (so every step 
 from __future__ import annotations
 
 import argparse
-import json
+import gc
 import random
-import statistics
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -24,6 +25,7 @@ from dataclasses import dataclass, replace
 import lightning as L
 import torch
 
+from memflow_train.benchmarks.common import add_measurement_args, publish, summarize, sync
 from memflow_train.benchmarks.memory_overhead import VARIANTS
 from memflow_train.benchmarks.tensor_memory import PeakTensorMemory
 from memflow_train.methods import BackboneSpec, OptimizerSpec, SelfForcingDMD
@@ -66,17 +68,13 @@ class StepMeter(L.Callback):
         self._memory: PeakTensorMemory | None = None
         self._start = 0.0
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # noqa: ANN001
         self._memory = PeakTensorMemory(self.device).__enter__()
-        self._sync()
+        sync(self.device)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        self._sync()
+        sync(self.device)
         self.seconds = time.perf_counter() - self._start
         self._memory.__exit__(None, None, None)
         self.peak_bytes = self._memory.peak_bytes
@@ -121,27 +119,31 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     if args.num_layers is None:
         args.num_layers = wan_config(args.preset)["num_layers"]
-    torch.manual_seed(0)
-    modules = {v: build_module(args, v).to(device) for v in args.variants}
-    text_dim = modules[args.variants[0]].generator.config.text_dim
+    text_dim = wan_config(args.preset)["text_dim"]
     batch = random_batch(args.batch_size, args.text_len, text_dim, args.prompt_tokens)
     seconds: dict[str, list[float]] = {v: [] for v in args.variants}
     peaks: dict[str, list[float]] = {v: [] for v in args.variants}
+    exit_steps: dict[str, list[int]] = {}
     order, shuffler = list(args.variants), random.Random(0)
     for _ in range(args.repeats):
         shuffler.shuffle(order)
         for v in order:
-            meter = step(modules[v], batch, device)
+            torch.manual_seed(0)
+            module = build_module(args, v).to(device)
+            meter = step(module, batch, device)
             seconds[v].append(meter.seconds)
             peaks[v].append(meter.peak_bytes)
+            exit_steps[v] = module.last_exit_steps
+            del module
+            gc.collect()
     rows = []
     for v in args.variants:
         rows.append(
             {
                 "variant": v,
-                "seconds_per_step": statistics.median(seconds[v]) if args.statistic == "median" else min(seconds[v]),
+                "seconds_per_step": summarize(seconds[v], args.statistic),
                 "peak_gib": max(peaks[v]) / 2**30,
-                "exit_steps": modules[v].last_exit_steps,
+                "exit_steps": exit_steps[v],
                 "repeats": seconds[v],
             }
         )
@@ -186,18 +188,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--record-interval", type=int, default=3, help="NAM: a candidate every this many chunks")
     p.add_argument("--variants", nargs="+", default=["off", "nam", "nam_sma"], choices=list(VARIANTS))
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--statistic", choices=["median", "min"], default="median", help="min suits a shared machine")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16"])
-    p.add_argument("--json", default=None, help="write the rows here")
+    add_measurement_args(p, repeats=1)
     args = p.parse_args(argv)
-    rows = run(args)
-    print_table(rows, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-    return rows
+    return publish(run(args), args, print_table)
 
 
 if __name__ == "__main__":

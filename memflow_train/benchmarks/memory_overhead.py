@@ -13,14 +13,13 @@ drift and position effects hit all alike.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import statistics
 import time
 from dataclasses import replace
 
 import torch
 
+from memflow_train.benchmarks.common import add_measurement_args, publish, summarize, sync
 from memflow_train.memory import MemoryConfig, StreamingKVCache
 from memflow_train.models.attention import register_attention_backend, sdpa_attention
 from memflow_train.models.causal_wan import CausalWanTransformer, TextContext, cast_keeping_fp32
@@ -57,11 +56,6 @@ def fill_history(
                 if slot is not None:
                     drawn[slot] = (k, v)
             layer.append(k, v, c * n, n, texts[i])
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -109,19 +103,19 @@ def run(args: argparse.Namespace) -> list[dict]:
                 cache, snapshot = caches[key]
                 cache.load_state_dict(snapshot)
                 keys_seen.clear()
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 for t in timesteps:
                     model.forward_chunk(noisy, t[None], text, cache)
                 model.forward_chunk(noisy, torch.zeros(1, device=device), text, cache, update_cache=True)
-                _sync(device)
+                sync(device)
                 times[key].append(time.perf_counter() - start)
                 attended[key] = max(keys_seen) // tpf
 
     rows = []
     for (name, chunk), ts in times.items():
         cache, _ = caches[(name, chunk)]
-        seconds = statistics.median(ts) if args.statistic == "median" else min(ts)
+        seconds = summarize(ts, args.statistic)
         rows.append(
             {
                 "variant": name,
@@ -173,29 +167,18 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per chunk")
     parser.add_argument("--chunks", type=int, nargs="+", default=[5, 60], help="chunk indices to measure")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument(
         "--history-pool", type=int, default=0, help="cycle this many random history chunks (0: all fresh)"
     )
-    parser.add_argument(
-        "--statistic",
-        choices=["median", "min"],
-        default="median",
-        help="of the repeats; min suits a shared machine (interference only adds time)",
-    )
-    parser.add_argument("--json", default=None, help="write the rows here")
+    add_measurement_args(parser, repeats=3)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
-    rows = run(args)
-    print_table(rows, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    return publish(run(args), args, print_table)
 
 
 if __name__ == "__main__":
