@@ -15,8 +15,6 @@ import torch
 from memflow_train.generation.narrative import Narrative
 from memflow_train.generation.pipeline import GenerationStats, StreamingVideoPipeline
 from memflow_train.memory.bank import NarrativeMemoryBank
-from memflow_train.rollout import StreamingGenerator
-from memflow_train.rollout.streaming import Stream
 
 
 @dataclass
@@ -25,20 +23,6 @@ class EvaluationVideo:
     stats: GenerationStats
     chunk_starts: list[int]
     bank_frames: list[list[list[int]]]  # [chunk][layer]: absolute latent frames the layer's bank held
-
-
-class _TracedSampler(StreamingGenerator):
-    """A sampler's settings and model, remembering the stream it opened so the banks can be read."""
-
-    def __init__(self, sampler: StreamingGenerator, memory_enabled: bool | None = None) -> None:
-        self.__dict__.update(vars(sampler))
-        if memory_enabled is not None:
-            self.memory = replace(sampler.memory, enabled=memory_enabled)
-        self.stream: Stream | None = None
-
-    def new_stream(self) -> Stream:
-        self.stream = super().new_stream()
-        return self.stream
 
 
 def _held(bank: NarrativeMemoryBank | None) -> list[int]:
@@ -51,14 +35,16 @@ def generate_traced(
 ) -> EvaluationVideo:
     """Generate one narrative (batch of one) with the pipeline's sampler, or memory-free (sink + local window
     only: LongLive's baseline) with memory=False; frames are decoded if decode and the pipeline has a VAE."""
-    traced = _TracedSampler(pipeline.sampler, None if memory else False)
+    sampler = pipeline.sampler
+    if not memory:
+        sampler = sampler.with_memory(replace(sampler.memory, enabled=False))
     vae = pipeline.vae if decode else None
-    run = StreamingVideoPipeline(traced, pipeline.text_encoder, vae, pipeline.latent_size)
+    run = StreamingVideoPipeline(sampler, pipeline.text_encoder, vae, pipeline.latent_size)
     stats = GenerationStats()
     frames, starts, banks = [], [], []
     for chunk in run.chunks(narrative, seed, stats):
         starts.append(chunk.start_frame)
-        banks.append([_held(layer.bank) for layer in traced.stream.cache.layers])
+        banks.append([_held(layer.bank) for layer in chunk.stream.cache.layers])
         if chunk.frames is not None:
             frames.append(chunk.frames.cpu())
     return EvaluationVideo(torch.cat(frames) if frames else None, stats, starts, banks)

@@ -28,6 +28,7 @@ from memflow_train.models.causal_wan import TextContext
 from memflow_train.models.text_encoder import WanTextEncoder
 from memflow_train.models.vae import WanVAE
 from memflow_train.rollout import PromptSchedule, StreamingGenerator
+from memflow_train.rollout.streaming import Stream
 from memflow_train.sampling import seeded
 
 
@@ -46,7 +47,8 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass
 class Chunk:
-    """One generated chunk: latents (1, C, n, h, w) and, with a VAE, its video frames uint8 (T, H, W, 3)."""
+    """One generated chunk: latents (1, C, n, h, w) and, with a VAE, its video frames uint8 (T, H, W, 3);
+    stream: the sampler's state after the chunk (KV cache, memory banks), for observers to read."""
 
     index: int
     start_frame: int
@@ -55,6 +57,7 @@ class Chunk:
     frames: torch.Tensor | None
     transformer_s: float
     decode_s: float
+    stream: Stream
 
 
 @dataclass
@@ -189,7 +192,7 @@ class StreamingVideoPipeline:
             stats.latent_frames += n
             stats.chunks += 1
             stats.prompt_chunks.append(prompt)
-            yield Chunk(c, first, prompt, latents, frames, t1 - t0, t2 - t1)
+            yield Chunk(c, first, prompt, latents, frames, t1 - t0, t2 - t1, stream)
 
     def generate(
         self,

@@ -14,6 +14,8 @@ memory bank keep what they had; the bank's next retrieval scores with the new pr
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from memflow_train.memory import MemoryConfig, StreamingKVCache
@@ -69,6 +71,12 @@ class StreamingGenerator:
 
     def new_stream(self) -> Stream:
         return Stream(self.model.new_kv_cache(self.memory))
+
+    def with_memory(self, memory: MemoryConfig) -> StreamingGenerator:
+        """The same model, schedule and steps with another memory configuration (e.g. memory-free)."""
+        other = copy.copy(self)
+        other.memory = memory
+        return other
 
     def _t(self, value: float, like: torch.Tensor) -> torch.Tensor:
         return torch.full((like.shape[0],), float(value), device=like.device)
