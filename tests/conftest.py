@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -18,6 +20,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One generated demo dataset per test module (MEMFLOW_TRAIN_CACHE in a temporary folder)."""
+    old = os.environ.get("MEMFLOW_TRAIN_CACHE")
+    os.environ["MEMFLOW_TRAIN_CACHE"] = str(tmp_path_factory.mktemp("demo_cache"))
+    yield
+    if old is None:
+        del os.environ["MEMFLOW_TRAIN_CACHE"]
+    else:
+        os.environ["MEMFLOW_TRAIN_CACHE"] = old
 
 
 # Tiny models: one thread is faster (no sync overhead) and gives the same sums on every run.

@@ -17,16 +17,7 @@ from memflow_train.cli import MemflowCLI
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def demo_cache(tmp_path_factory: pytest.TempPathFactory):
-    """One generated demo dataset for the whole module."""
-    old = os.environ.get("MEMFLOW_TRAIN_CACHE")
-    os.environ["MEMFLOW_TRAIN_CACHE"] = str(tmp_path_factory.mktemp("demo_cache"))
-    yield
-    if old is None:
-        del os.environ["MEMFLOW_TRAIN_CACHE"]
-    else:
-        os.environ["MEMFLOW_TRAIN_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("demo_cache")
 
 
 def _variant(name: str, tmp: Path, checkpoint_every: int | None) -> Path:

@@ -24,18 +24,7 @@ from memflow_train.models.vae import WanVAE
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def demo_cache(tmp_path_factory: pytest.TempPathFactory):
-    old = os.environ.get("MEMFLOW_TRAIN_CACHE")
-    os.environ["MEMFLOW_TRAIN_CACHE"] = str(tmp_path_factory.mktemp("demo_cache"))
-    yield
-    if old is None:
-        del os.environ["MEMFLOW_TRAIN_CACHE"]
-    else:
-        os.environ["MEMFLOW_TRAIN_CACHE"] = old
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("demo_cache")]
 
 
 def _config(tmp: Path, evaluation: dict | None, logger: dict | None = None, checkpoint: bool = False) -> Path:
