@@ -8,13 +8,9 @@ import json
 import statistics
 from collections.abc import Callable
 
-import torch
+from memflow_train.generation.pipeline import synchronize as sync
 
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock times cover it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+__all__ = ["add_measurement_args", "publish", "summarize", "sync"]
 
 
 def add_measurement_args(parser: argparse.ArgumentParser, repeats: int) -> None:
