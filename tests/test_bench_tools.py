@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memflow_train.benchmarks import cost_growth, dmd_step
-from memflow_train.benchmarks.memory_overhead import fill_history
+from memflow_train.benchmarks import cost_growth, dmd_step, memory_overhead
 from memflow_train.benchmarks.tensor_memory import PeakTensorMemory
 from memflow_train.memory import MemoryConfig
 from tests.wan_helpers import tiny_model
@@ -46,7 +45,7 @@ def test_history_pool_fills_the_cache_like_fresh_draws(memory: MemoryConfig) -> 
     text = model.encode_text(torch.randn(1, 5, 16))
     caches = [model.new_kv_cache(memory) for _ in range(2)]
     for cache, pool in zip(caches, (0, 2), strict=True):
-        fill_history(cache, text, 20, (1, 2, 3 * 6, 12), pool=pool)
+        memory_overhead.fill_history(cache, text, 20, (1, 2, 3 * 6, 12), pool=pool)
     for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
         assert (a.next_frame, a.local.start, a.sink.num_frames) == (b.next_frame, b.local.start, b.sink.num_frames)
         assert len(a.bank) == len(b.bank) == memory.bank_size and len(a.bank.pending) == len(b.bank.pending)
@@ -66,6 +65,25 @@ def test_cost_growth_attended_frames(tmp_path: Path) -> None:
         ("nam_sma", 5): 12, ("nam_sma", 12): 12, ("nam_sma", 40): 12,
     }  # fmt: skip
     assert len(json.loads(out.read_text())["rows"]) == 9
+
+
+def test_memory_overhead_compares_nam_with_memory_free_of_equal_keys(tmp_path: Path) -> None:
+    """Full NAM and the widened memory-free window attend the same frames; the column relates exactly those."""
+    rows = memory_overhead.main(
+        ["--preset", "tiny", "--num-layers", "1", "--height", "32", "--width", "32", "--text-len", "8",
+         "--chunks", "5", "40", "--repeats", "1", "--json", str(tmp_path / "o.json")]
+    )  # fmt: skip
+    by = {(r["variant"], r["chunk"]): r for r in rows}
+    assert {k: r["attended_frames"] for k, r in by.items()} == {
+        ("off", 5): 12, ("off", 40): 12, ("nam", 5): 12, ("nam", 40): 15,
+        ("nam_sma", 5): 12, ("nam_sma", 40): 12, ("off_nam_keys", 5): 15, ("off_nam_keys", 40): 15,
+    }  # fmt: skip
+    t = {k: r["seconds_per_chunk"] for k, r in by.items()}
+    assert by[("nam", 40)]["vs_memory_free_same_keys"] == pytest.approx(t[("nam", 40)] / t[("off_nam_keys", 40)] - 1)
+    assert by[("nam", 5)]["vs_memory_free_same_keys"] == pytest.approx(t[("nam", 5)] / t[("off", 5)] - 1)
+    assert by[("nam_sma", 40)]["vs_memory_free_same_keys"] == pytest.approx(t[("nam_sma", 40)] / t[("off", 40)] - 1)
+    assert by[("off", 40)]["vs_memory_free_same_keys"] is None
+    assert by[("off_nam_keys", 40)]["vs_off"] == pytest.approx(t[("off_nam_keys", 40)] / t[("off", 40)] - 1)
 
 
 def test_dmd_step_benchmark(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser(__doc__)
-    parser.set_defaults(chunks=[5, 12, 60, 332], history_pool=4, statistic="min")
+    parser.set_defaults(chunks=[5, 12, 60, 332], history_pool=4, statistic="min", variants=["off", "nam", "nam_sma"])
     args = parser.parse_args(argv)
     return publish(run(args), args, print_table)
 

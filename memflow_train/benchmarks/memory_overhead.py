@@ -7,6 +7,10 @@ right shapes, so chunk 60 is measurable without generating 59 chunks first; the 
 itself runs the full transformer. Every repeat runs all variants in a fresh seeded random order, so
 drift and position effects hit all alike.
 
+`off_nam_keys` (memory off, window widened by bank_size frames) attends as many keys as NAM with a
+full bank: the column "vs memory-free, same keys" separates what the memory's own work costs from
+what attending more frames costs.
+
     python -m memflow_train.benchmarks.memory_overhead --num-layers 2 --chunks 5 60
 """
 
@@ -25,10 +29,14 @@ from memflow_train.models.attention import register_attention_backend, sdpa_atte
 from memflow_train.models.causal_wan import CausalWanTransformer, TextContext, cast_keeping_fp32
 from memflow_train.models.presets import wan_config
 
+_MEMORY = MemoryConfig()
 VARIANTS = {
     "off": MemoryConfig(enabled=False),
     "nam": MemoryConfig(),
     "nam_sma": MemoryConfig(sma=True),
+    # Memory-free with the window widened by the bank's frames: as many keys as NAM with a full bank,
+    # so NAM against it is the cost of the memory's own work (recording, retrieval, K/V assembly).
+    "off_nam_keys": MemoryConfig(enabled=False, local_attn_size=_MEMORY.local_attn_size + _MEMORY.bank_size),
 }
 
 
@@ -129,9 +137,15 @@ def run(args: argparse.Namespace) -> list[dict]:
         )
     base = {r["chunk"]: r["seconds_per_chunk"] for r in rows if r["variant"] == "off"}
     first = {r["variant"]: r["seconds_per_chunk"] for r in rows if r["chunk"] == min(args.chunks)}
+    memory_free = {
+        (r["chunk"], r["attended_frames"]): r["seconds_per_chunk"] for r in rows if not VARIANTS[r["variant"]].enabled
+    }
     for r in rows:
         r["vs_off"] = r["seconds_per_chunk"] / base[r["chunk"]] - 1 if r["chunk"] in base else None
         r["vs_first_chunk"] = r["seconds_per_chunk"] / first[r["variant"]] - 1
+        same_keys = memory_free.get((r["chunk"], r["attended_frames"]))
+        own = VARIANTS[r["variant"]].enabled and same_keys is not None
+        r["vs_memory_free_same_keys"] = r["seconds_per_chunk"] / same_keys - 1 if own else None
     return rows
 
 
@@ -141,13 +155,16 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         f"{args.frames_per_chunk} frames/chunk, {args.steps} denoising steps + 1 cache write per chunk, "
         f"{args.dtype} on {args.device}, {args.statistic} of {args.repeats}"
     )
-    print("| variant | chunk | s/chunk | latent frames/s | attended frames | cache MiB | vs off | vs first chunk |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| variant | chunk | s/chunk | latent frames/s | attended frames | cache MiB | vs off "
+        "| vs memory-free, same keys | vs first chunk |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        vs_off = "" if r["vs_off"] is None else f"{r['vs_off']:+.1%}"
+        vs_off, same = ("" if r[key] is None else f"{r[key]:+.1%}" for key in ("vs_off", "vs_memory_free_same_keys"))
         print(
             f"| {r['variant']} | {r['chunk']} | {r['seconds_per_chunk']:.3f} | {r['frames_per_second']:.2f} "
-            f"| {r['attended_frames']} | {r['cache_mib']:.0f} | {vs_off} | {r['vs_first_chunk']:+.1%} |"
+            f"| {r['attended_frames']} | {r['cache_mib']:.0f} | {vs_off} | {same} | {r['vs_first_chunk']:+.1%} |"
         )
 
 
