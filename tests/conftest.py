@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -25,13 +23,9 @@ def _seed() -> None:
 @pytest.fixture(scope="module")
 def demo_cache(tmp_path_factory: pytest.TempPathFactory):
     """One generated demo dataset per test module (MEMFLOW_TRAIN_CACHE in a temporary folder)."""
-    old = os.environ.get("MEMFLOW_TRAIN_CACHE")
-    os.environ["MEMFLOW_TRAIN_CACHE"] = str(tmp_path_factory.mktemp("demo_cache"))
-    yield
-    if old is None:
-        del os.environ["MEMFLOW_TRAIN_CACHE"]
-    else:
-        os.environ["MEMFLOW_TRAIN_CACHE"] = old
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEMFLOW_TRAIN_CACHE", str(tmp_path_factory.mktemp("demo_cache")))
+        yield
 
 
 # Tiny models: one thread is faster (no sync overhead) and gives the same sums on every run.
