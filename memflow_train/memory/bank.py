@@ -49,31 +49,39 @@ class NarrativeMemoryBank:
         in_bank = self.frames is not None and bool((self.frames == frame).any())
         return in_bank or any(c.frame == frame for c in self.pending)
 
-    def record(self, k: torch.Tensor, v: torch.Tensor, chunk_start: int, num_frames: int, text: TextKeys | None):
-        """Offer a freshly cached chunk (B, H, F*T, D); every record_interval-th chunk leaves a candidate.
+    def record(self, k: torch.Tensor, v: torch.Tensor, start: int, num_frames: int, text: TextKeys | None):
+        """Offer freshly written frames [start, start + num_frames), keys/values (B, H, F*T, D).
 
-        Chunks overlapping the sink are skipped: the sink already keeps them in view.
+        Every chunk that starts inside them and is recorded by the cadence (record_cadence:
+        every record_interval-th chunk, or every chunk) leaves a candidate. Chunks overlapping
+        the sink are skipped (the sink keeps them in view), and so is a chunk whose candidate is
+        already held. A piece that starts inside a chunk (a replay's first piece) records nothing.
         """
         cfg = self.config
-        if (chunk_start // cfg.num_frame_per_block) % cfg.record_interval or chunk_start < cfg.sink_size:
-            return
-        if self._holds(chunk_start):
-            return
+        n = cfg.num_frame_per_block
         kf = k.detach().unflatten(2, (num_frames, -1))  # (B, H, F, T, D)
         vf = v.detach().unflatten(2, (num_frames, -1))
-        if cfg.prototype == "first_frame":
-            proto_k, proto_v = kf[:, :, 0], vf[:, :, 0]
-        else:
-            if text is None:
-                raise ValueError("the relevance_merge prototype needs the prompt's text keys")
-            scores = frame_relevance(kf, text, softmax=cfg.relevance_softmax)
-            weights = scores if cfg.relevance_softmax else scores.softmax(-1)  # (B, F), sums to 1
-            w = weights[:, None, :, None, None]
-            proto_k = (kf.float() * w).sum(2).to(kf.dtype)
-            proto_v = (vf.float() * w).sum(2).to(vf.dtype)
-        self.pending.append(
-            Candidate(proto_k.contiguous(), proto_v.contiguous(), chunk_start, chunk_start + num_frames)
-        )
+        for chunk in range(-(-start // n) * n, start + num_frames, n):
+            interval = cfg.record_cadence == "interval" and (chunk // n) % cfg.record_interval
+            if interval or chunk < cfg.sink_size or self._holds(chunk):
+                continue
+            a, b = chunk - start, min(chunk - start + n, num_frames)
+            proto_k, proto_v = self._prototype(kf[:, :, a:b], vf[:, :, a:b], text)
+            self.pending.append(Candidate(proto_k, proto_v, chunk, chunk + n))
+
+    def _prototype(
+        self, kf: torch.Tensor, vf: torch.Tensor, text: TextKeys | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One frame (B, H, T, D) standing for a chunk's frames (B, H, F, T, D)."""
+        if self.config.prototype == "first_frame":
+            return kf[:, :, 0].contiguous(), vf[:, :, 0].contiguous()
+        if text is None:
+            raise ValueError("the relevance_merge prototype needs the prompt's text keys")
+        softmax = self.config.relevance_softmax
+        scores = frame_relevance(kf, text, softmax=softmax)
+        weights = scores if softmax else scores.softmax(-1)  # (B, F), sums to 1
+        w = weights[:, None, :, None, None]
+        return (kf.float() * w).sum(2).to(kf.dtype).contiguous(), (vf.float() * w).sum(2).to(vf.dtype).contiguous()
 
     def commit(self, window_start: int, text: TextKeys | None) -> None:
         """Move candidates whose chunk left the window into the bank; when full, keep the
@@ -87,11 +95,16 @@ class NarrativeMemoryBank:
         if self.frames is None:
             self.k, self.v, self.frames = cand.k[:, :, None], cand.v[:, :, None], new_frames
             return
-        if len(self) >= self.config.bank_size:
+        cfg = self.config
+        if cfg.record_cadence == "every_chunk" and len(self) < cfg.bank_size:
+            group = cfg.num_frame_per_block * cfg.record_interval
+            if int(self.frames[0, -1]) // group == cand.frame // group:  # the open slot is rewritten
+                self.k, self.v, self.frames = self.k[:, :, :-1], self.v[:, :, :-1], self.frames[:, :-1]
+        elif len(self) >= cfg.bank_size:
             if text is None:
                 raise ValueError("retrieval needs the current prompt's text keys")
-            keep = self.config.bank_size - 1
-            scores = frame_relevance(self.k, text, softmax=self.config.relevance_softmax)  # (B, n)
+            keep = cfg.bank_size - 1
+            scores = frame_relevance(self.k, text, softmax=cfg.relevance_softmax)  # (B, n)
             index = scores.topk(keep, dim=1).indices.sort(dim=1).values  # temporal order
             self.k, self.v = _gather_frames(self.k, index), _gather_frames(self.v, index)
             self.frames = self.frames.gather(1, index)
@@ -100,10 +113,10 @@ class NarrativeMemoryBank:
         self.frames = torch.cat([self.frames, new_frames], 1)
 
     def rewind(self, frame: int) -> None:
-        """Forget candidates from chunks at or after `frame` (they are re-recorded when replayed)."""
+        """Forget candidates whose frame is re-encoded (at or after `frame`); replayed chunks record again."""
         if self.frames is not None and bool((self.frames >= frame).any()):
             raise ValueError(f"cannot rewind to frame {frame}: the memory bank already holds later frames")
-        self.pending = [c for c in self.pending if c.source_stop <= frame]
+        self.pending = [c for c in self.pending if c.frame < frame]
 
     def tensors(self) -> list[torch.Tensor]:
         parts = [t for t in (self.k, self.v) if t is not None]

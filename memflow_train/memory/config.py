@@ -7,6 +7,14 @@ from typing import Literal
 
 from memflow_train.memory.window import AttentionWindow
 
+_CHOICES = {
+    "prototype": ("first_frame", "relevance_merge"),
+    "record_cadence": ("interval", "every_chunk"),
+    "recache": ("chunkwise", "joint"),
+    "recache_sink": ("keep", "reencode_early", "replace"),
+    "context_noise": ("none", "schedule_table"),
+}
+
 
 @dataclass(frozen=True)
 class MemoryConfig:
@@ -20,6 +28,25 @@ class MemoryConfig:
     relevance to the current prompt (raw mean of scaled dot products, or softmax over frames).
     With sma=True, Sparse Memory Activation keeps only the sma_topk memory frames per head
     that are most relevant to the chunk's queries (sink frames compete too if sma_include_sink).
+
+    Official-parity modes (the public MemFlow / LongLive code; README, "differences" table):
+    - record_cadence: "interval" records a candidate on chunks whose index is a multiple of
+      record_interval (MemFlow's interactive inference and stage 2). "every_chunk" records every
+      chunk: while the bank has room, a candidate overwrites the open (newest) slot unless that
+      slot's frame came from an earlier group of record_interval chunks, which seals it and
+      opens the next; once full, every candidate triggers retrieval (MemFlow's single-prompt
+      inference and stage 1).
+    - recache: "chunkwise" re-encodes, at a prompt switch, the frames the window still holds
+      chunk by chunk, block-causally; "joint" re-encodes the last sink_size + local_attn_size
+      frames (the official local_attn_size, which counts the sink) in ONE forward in which every
+      re-encoded frame attends every other; only the frames the window holds are kept.
+    - recache_sink: "keep" never re-encodes the sink; "reencode_early" (MemFlow's global_sink
+      true) re-encodes it under the new prompt when the switch comes within the first
+      sink_size + local_attn_size frames; "replace" (LongLive's global_sink false, memory-free
+      only) makes the first sink_size re-encoded frames the sink for the rest of the video.
+    - context_noise: "none" writes the clean chunk into the cache; "schedule_table" first adds
+      noise at the sigma of the training table's entry nearest the context timestep, as the
+      official training rollout does (about 0.005 at timestep 0 with shift 5).
     """
 
     enabled: bool = True
@@ -33,11 +60,21 @@ class MemoryConfig:
     sink_size: int = 3
     local_attn_size: int = 9
     num_frame_per_block: int = 3
+    record_cadence: Literal["interval", "every_chunk"] = "interval"
+    recache: Literal["chunkwise", "joint"] = "chunkwise"
+    recache_sink: Literal["keep", "reencode_early", "replace"] = "keep"
+    context_noise: Literal["none", "schedule_table"] = "none"
 
     def __post_init__(self) -> None:
         self.window  # validates the window geometry  # noqa: B018
-        if self.prototype not in ("first_frame", "relevance_merge"):
-            raise ValueError(f"memory.prototype must be 'first_frame' or 'relevance_merge', got {self.prototype!r}")
+        for key, allowed in _CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"memory.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        if self.recache_sink == "replace" and self.enabled:
+            raise ValueError(
+                "memory.recache_sink='replace' (LongLive's global_sink false) is for memory-free runs: the new "
+                "sink could hold frames the bank holds too; set memory.enabled false or another recache_sink"
+            )
         if not self.enabled:
             return
         if self.bank_size < 1:

@@ -77,42 +77,48 @@ class LayerKVCache:
         self.local: FrameRun | None = None
         self.next_frame = 0
         self.floor = 0  # window frames below this were dropped by a rewind and are not expected
+        self.sink_start = 0  # the sink holds the sink_size frames written from here (moved by a 'replace' recache)
         self._candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see _sma_candidates
         self._candidate_sources: tuple = (None, None)  # the sink run and bank.k they were built from
 
     def reset(self) -> None:
         self.sink = self.local = None
-        self.next_frame = self.floor = 0
+        self.next_frame = self.floor = self.sink_start = 0
         self._candidates, self._candidate_sources = None, (None, None)
         if self.bank is not None:
             self.bank.reset()
 
     def visible_runs(self, chunk_start: int, num_frames: int) -> tuple[list[FrameRun], list[FrameRun]]:
-        """Cached runs the chunk [chunk_start, chunk_start + num_frames) sees: (sink outside the window, window)."""
+        """Cached runs the chunk [chunk_start, chunk_start + num_frames) sees: (sink outside the window, window).
+
+        The rule (AttentionWindow): the window [end - local_attn_size, chunk_start) plus the sink
+        frames. Window frames come from the local run, or from the sink where the local run no
+        longer holds them; window frames below `floor` that the sink does not hold were evicted
+        before a rewind and are not expected. Any other missing frame is an error.
+        """
         if chunk_start > self.next_frame:
             raise ValueError(f"chunk starts at frame {chunk_start} but only {self.next_frame} frames were cached")
-        ranges = self.window.visible_ranges(chunk_start + num_frames)
-        groups: list[list[FrameRun]] = []
-        needed = found = 0
-        for i, (lo, hi) in enumerate(ranges):
-            hi = min(hi, chunk_start)
-            if i == len(ranges) - 1:
-                lo = max(lo, self.floor)
-            needed += max(0, hi - lo)
-            # The sink only serves frames the local window no longer (or not yet) holds.
-            sink_hi = min(hi, self.local.start) if self.local is not None else hi
-            group = [
-                piece
-                for part, (a, b) in ((self.sink, (lo, sink_hi)), (self.local, (lo, hi)))
-                if part is not None and (piece := part.slice(a, b)) is not None
-            ]
-            found += sum(r.num_frames for r in group)
-            groups.append(group)
+        w, sink, local = self.window, self.sink, self.local
+        lo = max(0, chunk_start + num_frames - w.local_attn_size) if w.bounded else 0
+        outside = [p for p in [sink.slice(sink.start, min(sink.stop, lo)) if sink else None] if p is not None]
+        local_start = local.start if local is not None else chunk_start
+        inside = [
+            p
+            for p in (
+                sink.slice(lo, min(chunk_start, local_start)) if sink else None,
+                local.slice(lo, chunk_start) if local else None,
+            )
+            if p is not None
+        ]
+        need_lo = max(lo, self.floor)
+        needed = max(0, chunk_start - need_lo)
+        found = sum(max(0, min(r.stop, chunk_start) - max(r.start, need_lo)) for r in inside)
         if found != needed:
             raise RuntimeError(
-                f"chunk at frame {chunk_start} needs {needed} cached frames that were evicted or never written"
+                f"chunk at frame {chunk_start} needs {needed} cached frames from {need_lo} on, "
+                f"found {found}: frames were evicted or never written"
             )
-        return (groups[0], groups[1]) if len(groups) == 2 else ([], groups[0])
+        return outside, inside
 
     def prepare(self, chunk_start: int, num_frames: int, text: TextKeys | None) -> None:
         """Before a chunk: candidates whose chunk left the window join the bank (retrieval by `text`)."""
@@ -178,34 +184,61 @@ class LayerKVCache:
         return self._candidates
 
     def append(
-        self, k: torch.Tensor, v: torch.Tensor, chunk_start: int, num_frames: int, text: TextKeys | None = None
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        chunk_start: int,
+        num_frames: int,
+        text: TextKeys | None = None,
+        write_from: int | None = None,
     ) -> None:
-        """Write a chunk's keys/values (detached), evict what no later chunk can see, record a candidate."""
-        if chunk_start != self.next_frame:
-            raise ValueError(f"the cache expects frame {self.next_frame} next, got a chunk at {chunk_start}")
+        """Write a forward's keys/values (detached), evict what no later chunk can see, record candidates.
+
+        Frames below write_from (default chunk_start) were context only (a joint recache) and are
+        not written, except into a sink that still lacks them. Raises ValueError when the
+        written frames do not continue the cache.
+        """
+        write_from = chunk_start if write_from is None else write_from
+        if write_from != self.next_frame:
+            raise ValueError(f"the cache expects frame {self.next_frame} next, got a write from frame {write_from}")
+        if not chunk_start <= write_from <= chunk_start + num_frames:
+            raise ValueError(f"write_from {write_from} outside the forward's frames {chunk_start}..")
         run = FrameRun(k.detach(), v.detach(), chunk_start, num_frames)
         w = self.window
-        if w.bounded and chunk_start < w.sink_size:
-            sink_part = run.slice(0, w.sink_size)
-            self.sink = sink_part if self.sink is None else self.sink.append(sink_part, None)
-        self.local = run if self.local is None else self.local.append(run, w.cached_window_frames)
-        if w.cached_window_frames == 0:
-            self.local = None
-        self.next_frame = chunk_start + num_frames
-        if self.bank is not None:
-            self.bank.record(run.k, run.v, chunk_start, num_frames, text)
+        if w.bounded and w.sink_size:
+            held = self.sink.stop if self.sink is not None else self.sink_start
+            part = run.slice(held, self.sink_start + w.sink_size)
+            if part is not None:
+                if part.start != held:
+                    raise ValueError(f"the sink needs frame {held} next, the write starts at {part.start}")
+                self.sink = part if self.sink is None else self.sink.append(part, None)
+        new = run.slice(write_from, run.stop)
+        if new is not None:
+            keep = w.cached_window_frames
+            self.local = new if self.local is None else self.local.append(new, None)
+            if keep is not None and self.local.num_frames > keep:
+                self.local = self.local.slice(self.local.stop - keep, self.local.stop) if keep else None
+            if self.bank is not None:
+                self.bank.record(new.k, new.v, new.start, new.num_frames, text)
+        self.next_frame = run.stop
 
-    def rewind(self, frame: int) -> None:
+    def rewind(self, frame: int, new_sink_start: int | None = None) -> None:
         """Drop cached frames >= frame so they can be re-encoded (recache after a prompt switch).
 
-        Frames the window had already evicted stay gone: the replayed chunks see the sink, the
-        bank and the frames replayed before them (LongLive's recache attends the same way).
+        Frames the window had already evicted stay gone: replayed chunks see the sink, the bank,
+        what the window still held below `frame` and the frames replayed before them.
+        new_sink_start: drop the whole sink; the next writes rebuild it from that frame on
+        (memflow_train.memory.recache). Raises ValueError past the cached frames, or when the
+        bank holds frames >= frame.
         """
         if frame > self.next_frame:
             raise ValueError(f"cannot rewind to frame {frame}: only {self.next_frame} frames were cached")
         if self.bank is not None:
             self.bank.rewind(frame)
-        self.sink = self.sink.slice(0, frame) if self.sink is not None else None
+        if new_sink_start is not None:
+            self.sink, self.sink_start = None, new_sink_start
+        else:
+            self.sink = self.sink.slice(self.sink.start, frame) if self.sink is not None else None
         self.local = self.local.slice(self.local.start, frame) if self.local is not None else None
         self.floor = self.local.start if self.local is not None else frame
         self.next_frame = frame
@@ -218,7 +251,13 @@ class LayerKVCache:
         def dump(run: FrameRun | None) -> dict | None:
             return None if run is None else {"k": run.k, "v": run.v, "start": run.start, "num_frames": run.num_frames}
 
-        state = {"sink": dump(self.sink), "local": dump(self.local), "next_frame": self.next_frame, "floor": self.floor}
+        state = {
+            "sink": dump(self.sink),
+            "local": dump(self.local),
+            "next_frame": self.next_frame,
+            "floor": self.floor,
+            "sink_start": self.sink_start,
+        }
         if self.bank is not None:
             state["bank"] = self.bank.state_dict()
         return state
@@ -232,6 +271,7 @@ class LayerKVCache:
         self.sink, self.local = load(state["sink"]), load(state["local"])
         self._candidates, self._candidate_sources = None, (None, None)
         self.next_frame, self.floor = int(state["next_frame"]), int(state["floor"])
+        self.sink_start = int(state.get("sink_start", 0))  # states saved before recache_sink existed
         if self.bank is not None:
             self.bank.load_state_dict(state["bank"])
 
@@ -269,9 +309,9 @@ class StreamingKVCache:
         for layer in self.layers:
             layer.reset()
 
-    def rewind(self, frame: int) -> None:
+    def rewind(self, frame: int, new_sink_start: int | None = None) -> None:
         for layer in self.layers:
-            layer.rewind(frame)
+            layer.rewind(frame, new_sink_start)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())

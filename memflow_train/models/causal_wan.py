@@ -274,6 +274,7 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         frame_offset: int | None = None,
         cache: StreamingKVCache | None = None,
         update_cache: bool = False,
+        write_from: int | None = None,
     ) -> torch.Tensor:
         """Flow prediction for latents (B, C, F, H, W); every mode goes through here, so parameter
         sharding (ZeRO-3, FSDP) sees one forward.
@@ -290,7 +291,7 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         if cache is not None:
             if window is not None:
                 raise ValueError("streaming takes its window from the cache; pass window or cache, not both")
-            return self._streaming(hidden_states, timestep, text, cache, frame_offset, update_cache, attn)
+            return self._streaming(hidden_states, timestep, text, cache, frame_offset, update_cache, write_from, attn)
         offset = 0 if frame_offset is None else frame_offset
         if window is None:
             return self._run(hidden_states, timestep, text, offset, lambda i, f, t: attn)
@@ -309,6 +310,7 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         cache: StreamingKVCache,
         frame_offset: int | None = None,
         update_cache: bool = False,
+        write_from: int | None = None,
     ) -> torch.Tensor:
         """Streaming flow prediction for one chunk (B, C, F, H, W) at absolute frame frame_offset.
 
@@ -317,8 +319,20 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         re-run at timestep 0 does this); the denoising steps only read it. Before the chunk,
         the cache's memory takes in pending frames, retrieving with this text's keys: at a
         prompt switch, the new prompt's. frame_offset defaults to the cache's next frame.
+        write_from: with update_cache, the frames before it are context only (a joint recache
+        re-reads frames the window no longer keeps); default: every frame is written.
         """
-        return self(hidden_states, timestep, text, frame_offset=frame_offset, cache=cache, update_cache=update_cache)
+        if write_from is not None and not update_cache:
+            raise ValueError("write_from is for forwards that write the cache (update_cache=True)")
+        return self(
+            hidden_states,
+            timestep,
+            text,
+            frame_offset=frame_offset,
+            cache=cache,
+            update_cache=update_cache,
+            write_from=write_from,
+        )
 
     def _streaming(
         self,
@@ -328,6 +342,7 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         cache: StreamingKVCache,
         frame_offset: int | None,
         update_cache: bool,
+        write_from: int | None,
         attn: Callable,
     ) -> torch.Tensor:
         if self.config.patch_size[0] != 1:
@@ -343,7 +358,7 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
             return attend
 
         def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            cache[i].append(k, v, offset, frames, text.layer(i))
+            cache[i].append(k, v, offset, frames, text.layer(i), write_from=write_from)
 
         return self._run(hidden_states, timestep, text, offset, make_attend, write if update_cache else None)
 

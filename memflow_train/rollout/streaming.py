@@ -7,9 +7,10 @@ whose forward keeps gradients; everything else runs without grad, and the cache 
 tensors, so no gradient flows through the history.
 
 At a prompt switch the recent frames are re-encoded under the new prompt (recache): the cache
-rewinds to the first non-sink frame of its window and replays the clean latents kept in
-`Stream.recent`, so the next chunk sees them with the new prompt's cross-attention. Sink and
-memory bank keep what they had; the bank's next retrieval scores with the new prompt.
+rewinds and the clean latents kept in `Stream.recent` are run again as its plan says
+(memflow_train.memory.recache: chunkwise or joint, what happens to the sink), so the next chunk
+sees them with the new prompt's cross-attention. The memory bank keeps what it had; its next
+retrieval scores with the new prompt.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import copy
 import torch
 
 from memflow_train.memory import MemoryConfig, StreamingKVCache
+from memflow_train.memory.recache import plan_recache, recache_latent_frames
 from memflow_train.models.causal_wan import CausalWanTransformer, TextContext
 from memflow_train.rollout.prompts import PromptSchedule
 from memflow_train.sampling import FlowMatchSchedule, SampleNoise
@@ -30,13 +32,14 @@ class Stream:
     def __init__(self, cache: StreamingKVCache) -> None:
         self.cache = cache
         self.recent: torch.Tensor | None = None  # (B, C, n, H, W): clean latents of frames [next - n, next)
+        self.keep = recache_latent_frames(cache.config)  # how many recent latents a recache may need
 
     @property
     def next_frame(self) -> int:
         return self.cache.next_frame
 
     def remember(self, clean: torch.Tensor) -> None:
-        keep = self.cache.window.cached_window_frames
+        keep = self.keep
         recent = clean.detach() if self.recent is None else torch.cat([self.recent, clean.detach()], 2)
         self.recent = recent if keep is None else recent[:, :, max(0, recent.shape[2] - keep) :]
 
@@ -110,27 +113,49 @@ class StreamingGenerator:
         return x0
 
     @torch.no_grad()
-    def write_chunk(self, stream: Stream, clean: torch.Tensor, text: TextContext) -> None:
-        """The clean re-run at the context timestep that writes the chunk into the cache."""
-        self.model.forward_chunk(clean, self._t(self.context_timestep, clean), text, stream.cache, update_cache=True)
+    def write_chunk(
+        self,
+        stream: Stream,
+        clean: torch.Tensor,
+        text: TextContext,
+        generator: torch.Generator | SampleNoise | None = None,
+    ) -> None:
+        """The clean re-run at the context timestep that writes the chunk into the cache.
+
+        With memory.context_noise "schedule_table" the chunk is first noised at the sigma the
+        official rollout uses (Self-Forcing `context_noise`: the table entry nearest the context
+        timestep); noise comes from `generator`.
+        """
+        t = self._t(self.context_timestep, clean)
+        x = clean
+        if self.memory.context_noise == "schedule_table":
+            sigma = self.schedule.table_sigma(self.context_timestep)
+            x = ((1 - sigma) * clean.double() + sigma * _randn_like(clean, generator).double()).to(clean.dtype)
+        self.model.forward_chunk(x, t, text, stream.cache, update_cache=True)
         stream.remember(clean)
 
     @torch.no_grad()
     def recache(self, stream: Stream, text: TextContext) -> None:
-        """Re-encode the window's recent frames under a new prompt (sink and memory stay)."""
+        """Re-encode the frames the next chunks attend under a new prompt (memflow_train.memory.recache)."""
         if stream.recent is None:
             return
-        n = self.frames_per_chunk
-        first = max(
-            stream.next_frame - stream.recent.shape[2], self.memory.sink_size if self.memory.window.bounded else 0
-        )
-        first = min(first, stream.next_frame)
-        replay = stream.recent[:, :, stream.recent.shape[2] - (stream.next_frame - first) :]
-        stream.cache.rewind(first)
-        for s in range(0, replay.shape[2], n):
-            piece = replay[:, :, s : s + n]
+        t = stream.next_frame
+        plan = plan_recache(self.memory, t)
+        if t - plan.start > stream.recent.shape[2]:
+            raise RuntimeError(
+                f"recache needs the latents from frame {plan.start}, the stream kept {stream.recent.shape[2]}"
+            )
+        stream.cache.rewind(plan.rewind_to, plan.new_sink_start)
+        for a, b in plan.pieces:
+            piece = stream.recent[:, :, stream.recent.shape[2] - (t - a) : stream.recent.shape[2] - (t - b) or None]
             self.model.forward_chunk(
-                piece, self._t(self.context_timestep, piece), text, stream.cache, update_cache=True
+                piece,
+                self._t(self.context_timestep, piece),
+                text,
+                stream.cache,
+                frame_offset=a,
+                update_cache=True,
+                write_from=max(a, plan.rewind_to),
             )
 
     def rollout(
@@ -163,7 +188,7 @@ class StreamingGenerator:
             grad = grad_from_frame is not None and start >= grad_from_frame
             exit_step = None if exit_steps is None else exit_steps[c]
             x0 = self.denoise_chunk(stream, noise[:, :, c * n : (c + 1) * n], text, exit_step, grad, generator)
-            self.write_chunk(stream, x0.detach(), text)
+            self.write_chunk(stream, x0.detach(), text, generator)
             outputs.append(x0)
         return torch.cat(outputs, 2)
 

@@ -36,6 +36,12 @@ class FlowMatchSchedule:
         index = torch.tensor([self.num_train_timesteps - s for s in steps])
         return self.timesteps[index].float()
 
+    def table_sigma(self, t: float) -> float:
+        """Sigma of the training table entry nearest timestep t: what Self-Forcing's
+        FlowMatchScheduler.add_noise uses (argmin |timesteps - t|), e.g. 0.00498 for t=0 at shift 5."""
+        index = int((self.timesteps - float(t)).abs().argmin())
+        return float(self.timesteps[index]) / self.num_train_timesteps
+
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return t.double() / self.num_train_timesteps
 
