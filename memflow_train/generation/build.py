@@ -33,6 +33,10 @@ MEMORY_KNOBS = (
     "sink_size",
     "local_attn_size",
     "num_frame_per_block",
+    "record_cadence",
+    "recache",
+    "recache_sink",
+    "context_noise",
 )
 
 

@@ -48,6 +48,7 @@ from memflow_train.generation.pipeline import (
     StreamingVideoPipeline,
     video_frames_for,
 )
+from memflow_train.memory.config import CHOICES as MEMORY_CHOICES
 from memflow_train.models import fused_attention  # noqa: F401 (registers the flex and flash backends)
 from memflow_train.rollout import StreamingGenerator
 from memflow_train.sampling import FlowMatchSchedule
@@ -98,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + knob.replace("_", "-")
         if knob in ("relevance_softmax", "sma_include_sink"):
             m.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif knob == "prototype":
-            m.add_argument(flag, choices=["first_frame", "relevance_merge"])
+        elif knob in MEMORY_CHOICES:
+            m.add_argument(flag, choices=MEMORY_CHOICES[knob])
         else:
             m.add_argument(flag, type=int)
     return p

@@ -7,7 +7,7 @@ from typing import Literal
 
 from memflow_train.memory.window import AttentionWindow
 
-_CHOICES = {
+CHOICES = {  # the allowed values of every option that names a mode
     "prototype": ("first_frame", "relevance_merge"),
     "record_cadence": ("interval", "every_chunk"),
     "recache": ("chunkwise", "joint"),
@@ -67,7 +67,7 @@ class MemoryConfig:
 
     def __post_init__(self) -> None:
         self.window  # validates the window geometry  # noqa: B018
-        for key, allowed in _CHOICES.items():
+        for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"memory.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         if self.recache_sink == "replace" and self.enabled:
