@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memflow_train.benchmarks import cost_growth, dmd_step, memory_overhead
+from memflow_train.benchmarks import bank_exposure, cost_growth, dmd_step, memory_overhead
 from memflow_train.benchmarks.tensor_memory import PeakTensorMemory
 from memflow_train.memory import MemoryConfig
 from tests.wan_helpers import tiny_model
@@ -109,3 +109,15 @@ def test_data_consumption_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert train["steps_timed"] == 10 and train["batch_size"] == 2  # 3 cycles of gen_update_ratio 5, first skipped
     assert loader["headroom"] == pytest.approx(loader["samples_per_s"] / train["samples_per_s"])
     assert json.loads((tmp_path / "c.json").read_text())["loaders"][0]["workers"] == 0
+
+
+def test_bank_exposure_counts_the_chunks_that_attend_a_bank(tmp_path: Path) -> None:
+    """Stage 1's geometry (sink 3, window 9, chunks of 3, bank 3, record_interval 3, 21 frames): a
+    candidate joins 9 frames after its chunk starts; by the rule, "interval" records chunks 3 and 6 only."""
+    out = tmp_path / "exposure.json"
+    rows = bank_exposure.main(["--config", "configs/memflow_wan1.3b_stage1.yaml", "--json", str(out)])
+    by = {r["record_cadence"]: r["bank_frames_per_chunk"] for r in rows}
+    assert by == {"interval": [0, 0, 0, 0, 0, 0, 1], "every_chunk": [0, 0, 0, 0, 1, 1, 2]}
+    assert json.loads(out.read_text())["rows"] == rows
+    with pytest.raises(SystemExit):
+        bank_exposure.main(["--config", "configs/memflow_wan1.3b_stage1.yaml", "--num-frames", "20"])
