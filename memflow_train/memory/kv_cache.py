@@ -9,6 +9,7 @@ Protocol, per chunk (the backbone's streaming forward follows it):
                          the current prompt's text keys;
   kv_for_attention(...)  at every denoising step: the keys/values to attend (read only);
   append(...)            at the clean re-run: write the chunk, evict, record a bank candidate.
+At a prompt switch, rewind(...) drops the frames a recache re-encodes (memory/recache.py).
 """
 
 from __future__ import annotations
