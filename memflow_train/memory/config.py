@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from memflow_train.checks import whole
 from memflow_train.memory.window import AttentionWindow
 
 CHOICES = {  # the allowed values of every option that names a mode
@@ -66,6 +67,11 @@ class MemoryConfig:
     context_noise: Literal["none", "schedule_table"] = "none"
 
     def __post_init__(self) -> None:
+        for key in ("bank_size", "record_interval", "sma_topk", "sink_size", "local_attn_size", "num_frame_per_block"):
+            whole(f"memory.{key}", getattr(self, key))
+        for key in ("enabled", "relevance_softmax", "sma", "sma_include_sink"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"memory.{key} must be true or false, got {getattr(self, key)!r}")
         self.window  # validates the window geometry  # noqa: B018
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:

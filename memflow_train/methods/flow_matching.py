@@ -14,12 +14,20 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 
+from memflow_train.checks import number_range, whole
 from memflow_train.memory import MemoryConfig
 from memflow_train.methods.ema import ParameterEMA
 from memflow_train.methods.hparams import coerce, save_plain_hyperparameters
 from memflow_train.methods.lora import add_lora
 from memflow_train.methods.self_forcing import NonFiniteLossError
-from memflow_train.methods.specs import BackboneSpec, LoraSpec, OnDemandTextEncoder, OptimizerSpec, TextEncoderSpec
+from memflow_train.methods.specs import (
+    BackboneSpec,
+    LoraSpec,
+    OnDemandTextEncoder,
+    OptimizerSpec,
+    TextEncoderSpec,
+    check_method_numbers,
+)
 from memflow_train.sampling import FlowMatchSchedule, SampleNoise
 
 
@@ -66,6 +74,18 @@ class FlowMatchingFinetune(LightningModule):
             raise ValueError(
                 f"text_encoder width {self.text_encoder.width} differs from model.text_dim {self.model.config.text_dim}"
             )
+        check_method_numbers(
+            timestep_shift=timestep_shift,
+            context_timestep=context_timestep,
+            ema_decay=ema_decay,
+            ema_start_step=ema_start_step,
+            seed=seed,
+        )
+        if max_frames is not None:
+            whole("max_frames", max_frames, low=1)
+        number_range("timestep_range", timestep_range, low=0, high=1000)
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         n = memory.num_frame_per_block
         if max_frames is not None and (max_frames < n or max_frames % n):
             raise ValueError(f"max_frames ({max_frames}) must be a positive multiple of num_frame_per_block ({n})")

@@ -25,13 +25,21 @@ from typing import Any, Literal, Protocol
 import torch
 from lightning.pytorch import LightningModule
 
+from memflow_train.checks import number, number_range, whole
 from memflow_train.memory import MemoryConfig
 from memflow_train.methods.dmd_losses import critic_flow_loss, dmd_gradient, dmd_loss, guided
 from memflow_train.methods.ema import ParameterEMA
 from memflow_train.methods.hparams import coerce, save_plain_hyperparameters
 from memflow_train.methods.lora import add_lora
 from memflow_train.methods.optim import MultiNetworkAdamW, NonFiniteGradientError, find_multi_network_optimizer
-from memflow_train.methods.specs import BackboneSpec, LoraSpec, OnDemandTextEncoder, OptimizerSpec, TextEncoderSpec
+from memflow_train.methods.specs import (
+    BackboneSpec,
+    LoraSpec,
+    OnDemandTextEncoder,
+    OptimizerSpec,
+    TextEncoderSpec,
+    check_method_numbers,
+)
 from memflow_train.models.causal_wan import CausalWanTransformer, TextContext
 from memflow_train.rollout import PromptSchedule, StreamingGenerator
 from memflow_train.sampling import FlowMatchSchedule, SampleNoise, seeded
@@ -112,13 +120,20 @@ class SelfForcingDMD(LightningModule):
         text_encoder = coerce(TextEncoderSpec, text_encoder)
         save_plain_hyperparameters(self, locals())
         self.optimizer_specs = {"generator": generator_optimizer, "critic": critic_optimizer}
-        if gen_update_ratio < 1:
-            raise ValueError(f"gen_update_ratio must be >= 1, got {gen_update_ratio}")
+        whole("gen_update_ratio", gen_update_ratio, low=1)
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
-        lo, hi = score_timestep_range
-        if not 0 <= lo < hi <= 1000:
-            raise ValueError(f"score_timestep_range must satisfy 0 <= low < high <= 1000, got {score_timestep_range}")
+        check_method_numbers(
+            timestep_shift=timestep_shift,
+            context_timestep=context_timestep,
+            ema_decay=ema_decay,
+            ema_start_step=ema_start_step,
+            seed=seed,
+            num_frames=num_frames,
+            latent_size=latent_size,
+        )
+        number("guidance_scale", guidance_scale, low=0)
+        number_range("score_timestep_range", score_timestep_range, low=0, high=1000)
         if num_frames < memory.num_frame_per_block or num_frames % memory.num_frame_per_block:
             raise ValueError(
                 f"num_frames ({num_frames}) must be a positive multiple of memory.num_frame_per_block "

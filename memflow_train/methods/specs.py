@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from memflow_train.checks import finite_fields, number, whole
 from memflow_train.models.causal_wan import CausalWanTransformer, cast_keeping_fp32
 from memflow_train.models.loading import load_transformer
 from memflow_train.models.presets import wan_config
@@ -40,6 +41,12 @@ class BackboneSpec:
     lora_alpha: float | None = None
     dtype: str = "float32"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        torch_dtype(self.dtype)
+        whole("seed", self.seed, low=0)
+        if self.lora_alpha is not None:
+            number("lora_alpha", self.lora_alpha, low=0, low_open=True)
 
     def architecture(self) -> dict[str, Any]:
         return wan_config(self.preset, **self.config)
@@ -84,6 +91,11 @@ class TextEncoderSpec:
     def __post_init__(self) -> None:
         if (self.path is None) == (self.tiny_d_model is None):
             raise ValueError("text_encoder: set exactly one of path (real UMT5) and tiny_d_model (random tiny)")
+        whole("text_encoder.text_len", self.text_len, low=1)
+        if self.tiny_d_model is not None:
+            whole("text_encoder.tiny_d_model", self.tiny_d_model, low=1)
+        whole("text_encoder.seed", self.seed, low=0)
+        torch_dtype(self.dtype)
 
     def width(self) -> int:
         """The embedding width, read from the encoder's config.json without loading its weights."""
@@ -134,10 +146,17 @@ class OptimizerSpec:
     warmup_updates: int = 0
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optimizer lr must be positive, got {self.lr}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"optimizer grad_clip must be positive or null, got {self.grad_clip}")
+        finite_fields(self, "optimizer")
+        number("optimizer.lr", self.lr, low=0, low_open=True)
+        if len(self.betas) != 2:
+            raise ValueError(f"optimizer.betas must be two numbers, got {self.betas}")
+        for beta in self.betas:
+            number("optimizer.betas", beta, low=0, high=1, high_open=True)
+        number("optimizer.weight_decay", self.weight_decay, low=0)
+        number("optimizer.eps", self.eps, low=0, low_open=True)
+        if self.grad_clip is not None:
+            number("optimizer.grad_clip (positive, or null for none)", self.grad_clip, low=0, low_open=True)
+        whole("optimizer.warmup_updates", self.warmup_updates, low=0)
 
     def lr_factor(self, updates: int) -> float:
         return min(1.0, (updates + 1) / self.warmup_updates) if self.warmup_updates > 0 else 1.0
@@ -153,5 +172,33 @@ class LoraSpec:
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2")
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"lora rank must be >= 1, got {self.rank}")
+        whole("lora.rank", self.rank, low=1)
+        if self.alpha is not None:
+            number("lora.alpha", self.alpha, low=0, low_open=True)
+        number("lora.dropout", self.dropout, low=0, high=1, high_open=True)
+
+
+def check_method_numbers(
+    *,
+    timestep_shift: float,
+    context_timestep: float,
+    ema_decay: float | None,
+    ema_start_step: int,
+    seed: int,
+    num_frames: int | None = None,
+    latent_size: tuple[int, int] | None = None,
+) -> None:
+    """The numeric init arguments every method shares: finite and in range, named when not."""
+    number("timestep_shift", timestep_shift, low=0, low_open=True)
+    number("context_timestep", context_timestep, low=0, high=1000)
+    if ema_decay is not None:
+        number("ema_decay (null for no EMA)", ema_decay, low=0, high=1, low_open=True, high_open=True)
+    whole("ema_start_step", ema_start_step, low=0)
+    whole("seed", seed, low=0)
+    if num_frames is not None:
+        whole("num_frames", num_frames, low=1)
+    if latent_size is not None:
+        if len(latent_size) != 2:
+            raise ValueError(f"latent_size must be (height, width), got {latent_size}")
+        for side in latent_size:
+            whole("latent_size", side, low=1)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from memflow_train.checks import whole
 from memflow_train.methods.self_forcing import PromptBatch, SelfForcingDMD, TextBatch
 from memflow_train.rollout import PromptSchedule, Stream
 
@@ -60,6 +61,10 @@ class StreamingLongTuning(SelfForcingDMD):
             max_length=max_length, frames_per_step=frames_per_step, window=window, min_switch_frame=min_switch_frame
         )
         n = self.memory.num_frame_per_block
+        for name, value in (("max_length", max_length), ("frames_per_step", frames_per_step), ("window", window)):
+            whole(name, value, low=1)
+        if min_switch_frame is not None:
+            whole("min_switch_frame", min_switch_frame, low=1)
         for name, value in (("max_length", max_length), ("frames_per_step", frames_per_step)):
             if value < n or value % n:
                 raise ValueError(f"{name} ({value}) must be a positive multiple of memory.num_frame_per_block ({n})")

@@ -13,13 +13,14 @@ from collections.abc import Sequence
 
 import torch
 
+from memflow_train.checks import number, whole
 from memflow_train.sampling.noise import SampleNoise
 
 
 class FlowMatchSchedule:
     def __init__(self, shift: float = 5.0, num_train_timesteps: int = 1000) -> None:
-        if shift <= 0:
-            raise ValueError(f"shift must be positive, got {shift}")
+        number("timestep_shift", shift, low=0, low_open=True)
+        whole("num_train_timesteps", num_train_timesteps, low=1)
         self.shift = shift
         self.num_train_timesteps = num_train_timesteps
         s = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float64)[:-1]
@@ -30,10 +31,10 @@ class FlowMatchSchedule:
 
     def warp(self, steps: Sequence[int]) -> torch.Tensor:
         """Few-step timesteps (float32) for denoising steps given on the unshifted 0..N scale."""
-        bad = [s for s in steps if not 0 < s <= self.num_train_timesteps]
-        if bad:
-            raise ValueError(f"denoising steps must lie in (0, {self.num_train_timesteps}], got {bad}")
-        index = torch.tensor([self.num_train_timesteps - s for s in steps])
+        bad = [s for s in steps if isinstance(s, bool) or not 0 < s <= self.num_train_timesteps or s != int(s)]
+        if bad or not steps:
+            raise ValueError(f"denoising steps must be integers in (0, {self.num_train_timesteps}], got {list(steps)}")
+        index = torch.tensor([self.num_train_timesteps - int(s) for s in steps])
         return self.timesteps[index].float()
 
     def table_sigma(self, t: float) -> float:
