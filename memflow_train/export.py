@@ -2,7 +2,7 @@
 
 CHECKPOINT is a memflow-train checkpoint: a Lightning .ckpt file or the directory DeepSpeed writes
 (its ZeRO shards are consolidated). The network (default: the generator, with its EMA weights when
-the run kept them) gets its frozen weights back from the recorded spec and its LoRA adapters merged.
+the run kept them; a warning when its EMA had not started, an error with --ema) gets its frozen weights back from the recorded spec and its LoRA adapters merged.
 OUTPUT is a diffusers folder (config.json + safetensors: loads with load_transformer, our configs'
 `weights:`, and diffusers' WanTransformer3DModel.from_pretrained) or one .safetensors file carrying
 its architecture in the metadata.
@@ -27,7 +27,7 @@ def export(
     checkpoint: str | Path,
     output: str | Path,
     network: str | None = None,
-    ema: bool = True,
+    ema: bool | None = None,
     fmt: str = "diffusers",
     dtype: str = "float32",
 ) -> CausalWanTransformer:
@@ -46,15 +46,20 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m memflow_train.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", help="a memflow-train .ckpt file or DeepSpeed checkpoint directory")
     parser.add_argument("output", help="a folder (--format diffusers) or a .safetensors file")
     parser.add_argument("--network", default=None, help="generator, critic or model (default: the trained one)")
-    parser.add_argument("--live-weights", action="store_true", help="export the live weights, not the EMA")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--live-weights", action="store_true", help="export the live weights, not the EMA")
+    weights.add_argument("--ema", action="store_true", help="require the EMA weights (error if the run has none yet)")
     parser.add_argument("--format", default="diffusers", choices=["diffusers", "safetensors"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
-    model = export(args.checkpoint, args.output, args.network, not args.live_weights, args.format, args.dtype)
+    ema = False if args.live_weights else (True if args.ema else None)
+    model = export(args.checkpoint, args.output, args.network, ema, args.format, args.dtype)
     print(f"wrote {args.output}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
 

@@ -14,7 +14,7 @@ from memflow_train.benchmarks.tensor_memory import PeakTensorMemory
 from memflow_train.generation import Mp4Writer, StreamingVideoPipeline, read_narratives
 from memflow_train.generation.build import recipe_from_config, with_memory_flags
 from memflow_train.generation.cli import main
-from memflow_train.generation.narrative import Narrative
+from memflow_train.generation.narrative import Narrative, narrative_from_record
 from memflow_train.memory import MemoryConfig
 from memflow_train.models.causal_wan import CausalWanTransformer
 from memflow_train.models.presets import wan_config
@@ -245,8 +245,8 @@ def test_command_errors(models: Path, tmp_path: Path) -> None:
         main([*base, "--output", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="whole number"):
         main([*base, "--output", str(tmp_path / "x"), "--num-frames", "7"])
-    with pytest.raises(SystemExit, match="multiples of the VAE stride"):
-        main([*base, "--output", str(tmp_path / "x"), "--num-frames", "6", "--height", "30"])
+    with pytest.raises(SystemExit, match=r"multiples of 16 \(VAE stride 8 x patch 2\), got 40x32"):
+        main([*base, "--output", str(tmp_path / "x"), "--num-frames", "6", "--height", "40", "--width", "32"])
     with pytest.raises(ValueError, match="pass --text-encoder"):
         main([str(two), "--config", str(DEMO), "--output", str(tmp_path / "x"), "--num-frames", "6"])
 
@@ -266,3 +266,57 @@ def test_command_takes_settings_from_a_lightning_checkpoint(models: Path, tmp_pa
                      "--num-frames", "9", "--output", str(tmp_path / "v.mp4"), "--no-progress"])  # fmt: skip
     assert _read(tmp_path / "v.mp4").shape == (stats.video_frames, 16, 32, 3) == (33, 16, 32, 3)
     assert json.loads((tmp_path / "v.json").read_text())["memory"] == asdict(memory)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--timestep-shift", "0"], "--timestep-shift must be > 0"),
+        (["--timestep-shift", "nan"], "--timestep-shift must be finite"),
+        (["--fps", "nan"], "--fps must be finite"),
+        (["--fps", "0"], "--fps must be > 0"),
+        (["--crf", "60"], "--crf must be >= 0 and <= 51"),
+        (["--height", "0"], "--height must be >= 1"),
+        (["--text-len", "0"], "--text-len must be >= 1"),
+        (["--frames-per-prompt", "0"], "--frames-per-prompt must be >= 1"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--index", "0", "0"], "names a narrative twice"),
+    ],
+)
+def test_command_refuses_option_values_it_cannot_honour(
+    models: Path, tmp_path: Path, flags: list[str], message: str
+) -> None:
+    """Each of these used to be replaced by a default (0 is falsy) or passed on unchecked."""
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"prompts": ["a"]}\n')
+    base = [str(one), "--config", str(DEMO), "--text-encoder", str(models), "--output", str(tmp_path / "x")]
+    with pytest.raises(SystemExit, match=message):
+        main([*base, "--num-frames", "6", *flags])
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"prompts": ["a", "b", "c", "d", "e"], "num_frames": 12}, "prompt 4 .* would condition no chunk"),
+        ({"prompts": ["a", "b"], "switch_frames": [10], "num_frames": 12}, "prompt 1 .* the video ends"),
+        ({"prompts": ["a", "b", "c"], "switch_frames": [4, 5], "num_frames": 12}, "prompt 1 .* next prompt"),
+    ],
+)
+def test_prompts_that_would_never_take_effect_are_refused(models: Path, record: dict, message: str) -> None:
+    """A switch takes effect at the next 3-frame chunk; a prompt that gets no chunk is an error, not None."""
+    (narrative,) = [narrative_from_record(record, None, None, "n.jsonl line 1")]
+    with pytest.raises(ValueError, match=message):
+        _pipeline(models, DEMO_MEMORY).check(narrative)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"prompts": ["a", "b"], "switch_frames": [4.5], "num_frames": 12}, "switch_frames must be an integer"),
+        ({"prompts": ["a", "b"], "segment_frames": [6, 6.5]}, "segment_frames must be an integer"),
+        ({"prompts": ["a"], "num_frames": "12"}, "num_frames must be an integer"),
+    ],
+)
+def test_narrative_numbers_are_not_truncated(record: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        narrative_from_record(record, None, None, "n.jsonl line 1")

@@ -132,7 +132,7 @@ def load_text_encoder(
 ) -> WanTextEncoder:
     if path is not None:
         spec_len = recipe.text_encoder.text_len if recipe.text_encoder is not None else 512
-        encoder = WanTextEncoder.from_pretrained(path, tokenizer, text_len or spec_len, dtype)
+        encoder = WanTextEncoder.from_pretrained(path, tokenizer, spec_len if text_len is None else text_len, dtype)
     elif recipe.text_encoder is not None:
         spec = recipe.text_encoder if text_len is None else replace(recipe.text_encoder, text_len=text_len)
         encoder = spec.build()

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from memflow_train.checks import number, whole
 from memflow_train.generation.build import (
     MEMORY_KNOBS,
     Recipe,
@@ -126,14 +127,19 @@ def build_pipeline(args: argparse.Namespace) -> StreamingVideoPipeline:
     )
     vae = load_vae(args.vae, args.text_encoder, parse_dtype(args.vae_dtype, "float32"), device)
     memory = with_memory_flags(recipe.memory, args.memory, **{k: getattr(args, k) for k in MEMORY_KNOBS})
-    schedule = FlowMatchSchedule(args.timestep_shift or recipe.timestep_shift)
-    steps = list(args.denoising_steps or recipe.denoising_steps)
+    schedule = FlowMatchSchedule(recipe.timestep_shift if args.timestep_shift is None else args.timestep_shift)
+    steps = list(recipe.denoising_steps if args.denoising_steps is None else args.denoising_steps)
     sampler = StreamingGenerator(model, schedule, steps, memory, recipe.context_timestep)
     stride = vae.spatial_stride
     default_px = [n * stride for n in recipe.latent_size] if recipe.latent_size else [480, 832]
-    height, width = args.height or default_px[0], args.width or default_px[1]
-    if height % stride or width % stride:
-        raise SystemExit(f"error: height and width must be multiples of the VAE stride {stride}, got {height}x{width}")
+    height = default_px[0] if args.height is None else args.height
+    width = default_px[1] if args.width is None else args.width
+    step = stride * model.config.patch_size[1]  # the VAE's stride times the transformer's patch
+    if height % step or width % step:
+        raise SystemExit(
+            f"error: height and width must be multiples of {step} (VAE stride {stride} x patch "
+            f"{model.config.patch_size[1]}), got {height}x{width}"
+        )
     return StreamingVideoPipeline(sampler, text, vae, (height // stride, width // stride))
 
 
@@ -168,8 +174,32 @@ def describe(narrative: Narrative, pipeline: StreamingVideoPipeline, stats: Gene
     }
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse option values that cannot be honoured exactly (none is replaced by a default)."""
+    checks = [
+        ("--fps", args.fps, lambda v: number("--fps", v, low=0, low_open=True)),
+        ("--crf", args.crf, lambda v: whole("--crf", v, low=0, high=51)),
+        ("--seed", args.seed, lambda v: whole("--seed", v, low=0)),
+        ("--timestep-shift", args.timestep_shift, lambda v: number("--timestep-shift", v, low=0, low_open=True)),
+        ("--text-len", args.text_len, lambda v: whole("--text-len", v, low=1)),
+        ("--height", args.height, lambda v: whole("--height", v, low=1)),
+        ("--width", args.width, lambda v: whole("--width", v, low=1)),
+        ("--num-frames", args.num_frames, lambda v: whole("--num-frames", v, low=1)),
+        ("--frames-per-prompt", args.frames_per_prompt, lambda v: whole("--frames-per-prompt", v, low=1)),
+    ]
+    try:
+        for _, value, check in checks:
+            if value is not None:
+                check(value)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.index is not None and len(set(args.index)) != len(args.index):
+        raise SystemExit(f"error: --index {args.index} names a narrative twice")
+
+
 def main(argv: list[str] | None = None) -> list[GenerationStats]:
     args = build_parser().parse_args(argv)
+    check_args(args)
     narratives = read_narratives(args.narratives, args.frames_per_prompt, args.num_frames)
     jobs = _outputs(args, narratives)
     pipeline = build_pipeline(args)

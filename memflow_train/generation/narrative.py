@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memflow_train.checks import whole
+
 
 @dataclass(frozen=True)
 class Narrative:
@@ -53,13 +55,13 @@ def narrative_from_record(
         raise ValueError(f"{source}: expected a JSON object with a non-empty prompts list")
     count = len(prompts)
     if "segment_frames" in record:
-        lengths = [int(n) for n in record["segment_frames"]]
-        if len(lengths) != count or min(lengths) < 1:
+        lengths = [whole(f"{source}: segment_frames", n, low=1) for n in record["segment_frames"]]
+        if len(lengths) != count:
             raise ValueError(f"{source}: segment_frames must give a positive length for each of the {count} prompts")
         switches = [sum(lengths[:k]) for k in range(1, count)]
         total = record.get("num_frames", sum(lengths))
     elif "switch_frames" in record:
-        switches = [int(s) for s in record["switch_frames"]]
+        switches = [whole(f"{source}: switch_frames", s, low=1) for s in record["switch_frames"]]
         total = record.get("num_frames", num_frames)
         if total is None and frames_per_prompt is not None:
             total = (switches[-1] if switches else 0) + frames_per_prompt
@@ -73,7 +75,7 @@ def narrative_from_record(
         switches = [round(k * total / count) for k in range(1, count)]
     if total is None:
         raise ValueError(f"{source}: the narrative fixes no length: pass --num-frames or --frames-per-prompt")
-    return Narrative(tuple(prompts), tuple(switches), int(total), source)
+    return Narrative(tuple(prompts), tuple(switches), whole(f"{source}: num_frames", total, low=1), source)
 
 
 def read_narratives(

@@ -140,11 +140,22 @@ class StreamingVideoPipeline:
         return self.vae.temporal_stride if self.vae is not None else 1
 
     def check(self, narrative: Narrative) -> None:
+        """Refuse a narrative whose length is not whole chunks, or with a prompt that would condition no
+        chunk (a switch takes effect at the first chunk starting at or after it)."""
         n = self.sampler.frames_per_chunk
         if narrative.num_frames % n:
             raise ValueError(
                 f"{narrative.source}: {narrative.num_frames} latent frames are not a whole number of {n}-frame chunks"
             )
+        takes_effect = [-(-s // n) * n for s in narrative.starts] + [narrative.num_frames]
+        for k, (a, b) in enumerate(zip(takes_effect, takes_effect[1:], strict=False)):
+            if a >= b:
+                raise ValueError(
+                    f"{narrative.source}: prompt {k} (from frame {narrative.starts[k]}) would condition no chunk: "
+                    f"it takes effect at the next {n}-frame chunk boundary, frame {a}, and the "
+                    + ("video ends" if k == len(narrative.starts) - 1 else f"next prompt takes over at frame {b}")
+                    + f" (num_frames {narrative.num_frames}); move the switch frames or lengthen the video"
+                )
 
     def prompt_schedule(self, narrative: Narrative) -> PromptSchedule:
         """Encode every prompt once; each segment's per-layer cross-attention K/V are reused by all its chunks."""

@@ -19,11 +19,11 @@ from memflow_train.models.causal_wan import CausalWanTransformer, cast_keeping_f
 from memflow_train.models.loading import (
     check_state_dict,
     is_deepspeed_checkpoint,
+    lightning_network,
     merge_lora,
     normalize_keys,
     read_deepspeed_checkpoint,
     read_weights,
-    split_checkpoint,
 )
 
 
@@ -51,17 +51,18 @@ def is_training_checkpoint(path: str | Path) -> bool:
 
 
 def load_trained_network(
-    path: str | Path, network: str | None = None, ema: bool = True, dtype: torch.dtype | None = None
+    path: str | Path, network: str | None = None, ema: bool | None = None, dtype: torch.dtype | None = None
 ) -> CausalWanTransformer:
-    """The trained network (EMA weights if ema and recorded), frozen weights completed, LoRA merged.
+    """The trained network, frozen weights completed, LoRA merged.
 
     network: generator, critic or model (FlowMatchingFinetune); default: whichever the run trained.
+    ema: True requires its EMA weights (KeyError if the run has none yet), False takes the live
+    ones, None the EMA when there is one (with a warning when there is not).
     """
     ckpt = read_training_checkpoint(path)
     if network is None:
         network = "generator" if "generator" in (ckpt.get("hyper_parameters") or {}) else "model"
-    key = f"{network}_ema" if ema and ckpt.get(f"{network}_ema") else network
-    trained, lora, alpha = split_checkpoint(ckpt, key)
+    trained, lora, alpha = lightning_network(ckpt, network, ema)
     model = network_spec(ckpt, network).build()  # the architecture, and every weight the checkpoint left out
     state = {**model.state_dict(), **normalize_keys(trained)}
     if lora:

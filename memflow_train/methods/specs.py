@@ -59,7 +59,8 @@ class BackboneSpec:
             if is_training_checkpoint(self.weights):  # one of our runs: its recorded spec completes frozen weights
                 key = self.checkpoint_key
                 network = key.removesuffix("_ema") if key else None
-                return load_trained_network(self.weights, network, ema=key is None or key.endswith("_ema"), dtype=dtype)
+                ema = None if key is None else key.endswith("_ema")
+                return load_trained_network(self.weights, network, ema=ema, dtype=dtype)
             config = self.architecture() if (self.preset or self.config) else None
             return load_transformer(
                 self.weights,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -96,23 +97,46 @@ def split_checkpoint(ckpt: dict[str, Any], key: str | None = None) -> tuple[dict
 
 
 def _lightning_network(ckpt: dict[str, Any], key: str | None) -> tuple[dict, dict | None, float | None]:
-    """A network of a memflow-train Lightning checkpoint, EMA weights overlaid unless key names the live ones.
+    """split_checkpoint for a memflow-train Lightning checkpoint: key "generator" / "critic" / "model"
+    (live weights) or "generator_ema" / "model_ema" (EMA required); default: the trained network, EMA if any."""
+    nets = sorted({k.split(".", 1)[0] for k in ckpt["state_dict"]})
+    net = key.removesuffix("_ema") if key else ("generator" if "generator" in nets else "model")
+    return lightning_network(ckpt, net, None if key is None else key.endswith("_ema"))
 
-    key: "generator" / "critic" / "model" (live weights) or "generator_ema" / "model_ema";
-    default: the generator (or the fine-tuned model), with its EMA when the checkpoint has one.
+
+class NoEmaWeightsWarning(UserWarning):
+    """A checkpoint's EMA had not started (or was off): the live weights are used."""
+
+
+def lightning_network(ckpt: dict[str, Any], net: str, ema: bool | None) -> tuple[dict, dict | None, float | None]:
+    """Weights, LoRA state and alpha of network `net` of a memflow-train Lightning checkpoint.
+
+    ema: True requires the EMA weights (KeyError when the checkpoint has none, e.g. saved before
+    ema_start_step); False takes the live weights; None takes the EMA when there is one and
+    otherwise warns (NoEmaWeightsWarning) and takes the live weights.
     """
     state = ckpt["state_dict"]
     nets = sorted({k.split(".", 1)[0] for k in state})
-    use_ema = key is None or key.endswith("_ema")
-    net = key.removesuffix("_ema") if key else ("generator" if "generator" in nets else "model")
     if net not in nets:
         raise KeyError(f"checkpoint has no network {net!r}; it holds {nets}")
     weights = {k[len(net) + 1 :]: v for k, v in state.items() if k.startswith(net + ".")}
-    ema = ckpt.get(f"{net}_ema")
-    if key is not None and key.endswith("_ema") and ema is None:
-        raise KeyError(f"checkpoint has no {key} (EMA was off or had not started)")
-    if use_ema and ema is not None:
-        weights.update(ema["shadow"])
+    ema_state = ckpt.get(f"{net}_ema")
+    shadow = ema_state.get("shadow") if isinstance(ema_state, dict) else None
+    if ema is not False and not shadow:
+        why = (
+            "EMA was off in this run"
+            if ema_state is None
+            else f"EMA starts at update {ema_state.get('start_update')}, the checkpoint is at step {ckpt.get('global_step')}"
+        )
+        if ema:
+            raise KeyError(f"checkpoint has no {net}_ema weights ({why}); ask for the live weights ({net!r}) instead")
+        warnings.warn(
+            f"checkpoint has no {net}_ema weights ({why}): using the live {net} weights",
+            NoEmaWeightsWarning,
+            stacklevel=3,
+        )
+    elif ema is not False:
+        weights.update(shadow)
     lora = {k: weights.pop(k) for k in [k for k in weights if ".lora_" in k]}
     spec = (ckpt.get("hyper_parameters") or {}).get(f"{net}_lora") or (ckpt.get("hyper_parameters") or {}).get("lora")
     alpha = (spec.get("alpha") or spec.get("rank")) if isinstance(spec, dict) else None

@@ -6,6 +6,7 @@ and zero everything after them. The mask marks the real tokens.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 
+class PromptTruncatedWarning(UserWarning):
+    """A prompt has more tokens than text_len; the encoder sees its first text_len tokens."""
+
+
 class WanTextEncoder(torch.nn.Module):
     """Frozen UMT5 encoder returning Wan-style (B, text_len, d_model) embeddings and a (B, text_len) mask."""
 
@@ -22,6 +27,7 @@ class WanTextEncoder(torch.nn.Module):
         super().__init__()
         if text_len < 1:
             raise ValueError(f"text_len must be positive, got {text_len}")
+        self._warned: set[str] = set()
         self.encoder = encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.text_len = text_len
@@ -104,7 +110,21 @@ class WanTextEncoder(torch.nn.Module):
             masks.append(m)
         return torch.cat(embeds), torch.cat(masks)
 
+    def _warn_truncated(self, prompts: list[str]) -> None:
+        """Warn once per prompt that has more tokens than text_len (they are cut, as Wan cuts them)."""
+        ids = self.tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        for prompt, tokens in zip(prompts, ids, strict=True):
+            if len(tokens) > self.text_len and prompt not in self._warned:
+                self._warned.add(prompt)
+                shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                warnings.warn(
+                    f"prompt of {len(tokens)} tokens cut to text_len={self.text_len}: {shown!r}",
+                    PromptTruncatedWarning,
+                    stacklevel=4,
+                )
+
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        self._warn_truncated(prompts)
         tokens = self.tokenizer(
             prompts,
             padding="max_length",
