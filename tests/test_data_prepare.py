@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from data.prepare.__main__ import main
 from data.reading import expand_urls, iter_raw_samples
 from data.video_io import decode_mp4, encode_mp4, read_video
 from data.writer import ShardSink, brace_pattern, parse_size
-from memflow_train.models.text_encoder import WanTextEncoder
+from memflow_train.models.text_encoder import PromptTruncatedWarning, WanTextEncoder
 from memflow_train.models.vae import WanVAE
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "memflow_interactive_benchmark.jsonl"
@@ -232,3 +233,16 @@ def test_every_command_has_help(source: str, capsys: pytest.CaptureFixture[str])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--output" in out and "--text-encoder" in out and "--samples-per-shard" in out
+
+
+def test_prompts_longer_than_text_len_are_not_cut_silently(tmp_path: Path) -> None:
+    long = "a red circle rolls slowly to the left across a grey floor"
+    (tmp_path / "p.txt").write_text(f"{long}\nshort\n{long}\n")
+    args = ["prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "out")]
+    with pytest.warns(PromptTruncatedWarning, match=r"prompt of \d+ tokens cut to text_len=16") as record:
+        main([*args, "--text-encoder", "tiny", "--tiny-text-dim", "8", "--text-len", "16", "--quiet"])
+    assert len([w for w in record if w.category is PromptTruncatedWarning]) == 1  # once per prompt
+    encoder = WanTextEncoder.tiny(d_model=8, text_len=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PromptTruncatedWarning)
+        encoder([long, "short"])  # fits: no warning
