@@ -4,19 +4,53 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 # Lightning 2.6 calls a jsonargparse API deprecated in 4.49; users cannot act on that warning.
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from memflow_train.tracking import LoggedConfigCallback, WandbRunIdCallback, default_wandb_offline, resume_wandb_run
 
 # Our DMD modules step their optimizer inside training_step; a checkpoint after step N holds the
 # state after N updates, which is what resuming needs. Lightning warns about that on every save.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
+
+
+# Model settings that may differ between a checkpoint and the resumed run (key prefixes).
+RESUMABLE = (
+    "generator_optimizer.",
+    "critic_optimizer.",
+    "optimizer.",
+    "memory.",
+    "gradient_checkpointing",
+    "nonfinite",
+)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k != "__path__"}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every leaf that differs between two plain configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
 class MemflowCLI(LightningCLI):
@@ -39,6 +73,38 @@ class MemflowCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Resume with the configured model settings where they may change, refuse where they may not.
+
+        LightningCLI reloads the checkpoint's hyperparameters over the parsed config, so a changed
+        lr or memory flag would be silently ignored. Here the configured values stay; the ones in
+        RESUMABLE (optimizer settings, memory flags, checkpointing, the non-finite policy) are
+        applied (with a note of each change), any other difference is refused, listing each key
+        with its old and new value. A config without a model (only --ckpt_path) takes the
+        checkpoint's, as LightningCLI does.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        model = self.config[subcommand].get("model") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file() or not getattr(model, "class_path", None):
+            return super()._parse_ckpt_path()
+        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters") or {}
+        saved = {k: v for k, v in saved.items() if k != "_instantiator"}
+        saved_class = saved.pop("_class_path", None)
+        changed = _differences(_plain(saved), _plain(model.get("init_args")))
+        if saved_class is not None and saved_class != model.class_path:
+            changed.insert(0, ("class_path", saved_class, model.class_path))
+        refused = [c for c in changed if not c[0].startswith(RESUMABLE)]
+        if refused:
+            lines = "\n".join(f"  {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in refused)
+            raise SystemExit(
+                f"error: --ckpt_path {ckpt_path} was trained with other settings that cannot change at resume:\n"
+                f"{lines}\nUse the run's config (its config.yaml), or start a new run from its weights. "
+                f"Settings that may change at resume: {', '.join(RESUMABLE)}"
+            )
+        for key, old, new in changed:
+            rank_zero_info(f"resuming with {key} = {new!r} (the checkpoint had {old!r})")
 
     def before_fit(self) -> None:
         self.trainer.callbacks.append(WandbRunIdCallback())

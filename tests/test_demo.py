@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from memflow_train.cli import MemflowCLI
+from memflow_train.methods.optim import find_multi_network_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,3 +112,20 @@ def test_two_process_ddp_ranks_draw_the_same_exit_steps_and_switches(tmp_path: P
     # Each rank streams its own samples (resampled shards, a seed per rank: different, not disjoint).
     assert [s["keys"] for s in ranks[0]] != [s["keys"] for s in ranks[1]]
     assert {s["switch_frame"] for s in ranks[0]} <= set(range(9, 36, 3))
+
+
+@pytest.mark.slow
+def test_resume_applies_new_optimizer_and_memory_settings_and_refuses_other_changes(tmp_path: Path) -> None:
+    config = _variant("demo.yaml", tmp_path, checkpoint_every=4)
+    MemflowCLI(args=["fit", "--config", str(config), "--trainer.max_steps=4"])
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    resume = ["fit", "--config", str(config), "--trainer.max_steps=6", "--ckpt_path", str(ckpt)]
+    cli = MemflowCLI(args=[*resume, "--model.init_args.generator_optimizer.lr=0.002",
+                           "--model.init_args.memory.sma=false"])  # fmt: skip
+    groups = find_multi_network_optimizer(cli.trainer.optimizers[0])
+    assert groups.group("generator")["lr"] == 0.002 and groups.group("critic")["lr"] == 1e-4
+    assert cli.model.memory.sma is False and cli.trainer.global_step == 6
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["init_args"]
+    assert saved["generator_optimizer"]["lr"] == 0.002 and saved["memory"]["sma"] is False
+    with pytest.raises(SystemExit, match=r"(?s)cannot change at resume.*num_frames: 12 in the checkpoint, 6 now"):
+        MemflowCLI(args=[*resume, "--model.init_args.num_frames=6"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from memflow_train.memory import MemoryConfig
@@ -78,3 +79,17 @@ def test_single_prompt_samples_keep_their_prompt_after_the_switch() -> None:
     state = module._start_sequence(batch, step=0)
     assert torch.equal(state.texts.embeds[1, 1], state.texts.embeds[1, 0])
     assert not torch.equal(state.texts.embeds[0, 1], state.texts.embeds[0, 0])
+
+
+def test_changed_memory_at_resume_drops_the_carried_sequence() -> None:
+    from memflow_train.methods.hparams import plain
+
+    module = dmd_module(StreamingLongTuning, max_length=18, frames_per_step=6, window=9)
+    checkpoint = {"hyper_parameters": {"memory": plain(module.memory)}, "sequence_state": {"stream": {}}}
+    module.on_load_checkpoint(dict(checkpoint))
+    assert module._pending_state is not None  # same memory: the sequence continues
+    other = dmd_module(StreamingLongTuning, max_length=18, frames_per_step=6, window=9,
+                       memory=MemoryConfig(record_interval=1, sma=True))  # fmt: skip
+    with pytest.warns(UserWarning, match="memory settings changed at resume"):
+        other.on_load_checkpoint(dict(checkpoint))
+    assert other._pending_state is None

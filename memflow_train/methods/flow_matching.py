@@ -19,6 +19,7 @@ from memflow_train.memory import MemoryConfig
 from memflow_train.methods.ema import ParameterEMA
 from memflow_train.methods.hparams import coerce, save_plain_hyperparameters
 from memflow_train.methods.lora import add_lora
+from memflow_train.methods.optim import apply_optimizer_specs
 from memflow_train.methods.self_forcing import NonFiniteLossError
 from memflow_train.methods.specs import (
     BackboneSpec,
@@ -101,6 +102,10 @@ class FlowMatchingFinetune(LightningModule):
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, spec.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """A resumed run trains with the configured optimizer settings, not the checkpoint's."""
+        apply_optimizer_specs(self.optimizers(), self.lr_schedulers(), {None: self.optimizer_spec})
 
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None

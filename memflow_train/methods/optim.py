@@ -14,7 +14,7 @@ still uses the whole network's norm.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -107,3 +107,29 @@ def find_multi_network_optimizer(optimizer: object) -> MultiNetworkAdamW:
     if found is None:
         raise TypeError(f"no MultiNetworkAdamW inside {type(optimizer).__name__}")
     return found
+
+
+def apply_optimizer_specs(optimizer: object, scheduler: object, specs: dict[str, Any]) -> None:
+    """Make each named param group follow its OptimizerSpec again (lr, betas, eps, weight decay, clip).
+
+    A resumed run loads the checkpoint's optimizer and scheduler states, which carry the old
+    hyperparameters; this applies the configured ones (a changed lr takes effect from the resumed
+    step, scaled by the schedule's current factor). specs: group name -> OptimizerSpec; a plain
+    torch optimizer has one unnamed group, given as specs[None].
+    """
+    inner = optimizer
+    while hasattr(inner, "optimizer") and inner is not inner.optimizer:
+        inner = inner.optimizer
+    base_lrs = getattr(scheduler, "base_lrs", None)
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    step = getattr(scheduler, "last_epoch", 0)
+    for i, group in enumerate(inner.param_groups):
+        spec = specs.get(group.get("name"))
+        if spec is None:
+            continue
+        factor = lambdas[i](step) if lambdas is not None else 1.0
+        group.update(lr=spec.lr * factor, betas=tuple(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay)
+        if "max_grad_norm" in group:
+            group["max_grad_norm"] = spec.grad_clip
+        if base_lrs is not None:
+            base_lrs[i] = spec.lr

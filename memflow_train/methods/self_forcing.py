@@ -31,7 +31,12 @@ from memflow_train.methods.dmd_losses import critic_flow_loss, dmd_gradient, dmd
 from memflow_train.methods.ema import ParameterEMA
 from memflow_train.methods.hparams import coerce, save_plain_hyperparameters
 from memflow_train.methods.lora import add_lora
-from memflow_train.methods.optim import MultiNetworkAdamW, NonFiniteGradientError, find_multi_network_optimizer
+from memflow_train.methods.optim import (
+    MultiNetworkAdamW,
+    NonFiniteGradientError,
+    apply_optimizer_specs,
+    find_multi_network_optimizer,
+)
 from memflow_train.methods.specs import (
     BackboneSpec,
     LoraSpec,
@@ -204,6 +209,10 @@ class SelfForcingDMD(LightningModule):
             [lambda it: specs["generator"].lr_factor(it // ratio), lambda it: specs["critic"].lr_factor(it)],
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """A resumed run trains with the configured optimizer settings, not the checkpoint's."""
+        apply_optimizer_specs(self.optimizers(), self.lr_schedulers(), self.optimizer_specs)
 
     # ------------------------------------------------------------------------------------ helpers
 

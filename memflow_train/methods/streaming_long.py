@@ -12,12 +12,15 @@ is saved in checkpoints, so a resumed run continues the same sequence.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from memflow_train.checks import whole
+from memflow_train.memory import MemoryConfig
+from memflow_train.methods.hparams import coerce
 from memflow_train.methods.self_forcing import PromptBatch, SelfForcingDMD, TextBatch
 from memflow_train.rollout import PromptSchedule, Stream
 
@@ -168,6 +171,14 @@ class StreamingLongTuning(SelfForcingDMD):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self._pending_state = checkpoint.get("sequence_state")  # restored on the right device at the next step
+        saved = (checkpoint.get("hyper_parameters") or {}).get("memory")
+        if self._pending_state is not None and saved is not None and coerce(MemoryConfig, saved) != self.memory:
+            warnings.warn(
+                "the memory settings changed at resume: the carried sequence (its KV cache and bank were built "
+                "under the old ones) is dropped and the next step starts a new sequence",
+                stacklevel=2,
+            )
+            self._pending_state = None
 
     def _restore_sequence(self, state: dict) -> SequenceState:
         stream = self.sampler.new_stream()
