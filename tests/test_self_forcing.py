@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import lightning as L
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from memflow_train.methods.lora import merge_lora
 from memflow_train.methods.optim import MultiNetworkAdamW
 from memflow_train.methods.self_forcing import NonFiniteLossError
 from memflow_train.sampling import SampleNoise
-from tests.method_helpers import dmd_module, fit, prompt_batch
+from tests.method_helpers import dmd_module, fit, loader, prompt_batch
 from tests.wan_helpers import tiny_inputs
 
 
@@ -173,7 +174,7 @@ def test_non_finite_critic_loss_is_reported_with_step_and_network(policy: str) -
         ({"teacher": BackboneSpec(config={"text_dim": 8})}, "teacher.text_dim"),
         ({"gen_update_ratio": 0}, "gen_update_ratio"),
         ({"score_timestep_range": (500.0, 100.0)}, "score_timestep_range"),
-        (lambda: {"generator_optimizer": OptimizerSpec(lr=0.0)}, "lr must be positive"),
+        (lambda: {"generator_optimizer": OptimizerSpec(lr=0.0)}, r"optimizer.lr must be > 0"),
     ],
 )
 def test_impossible_configs_fail_at_start_naming_the_key(overrides, message) -> None:
@@ -258,3 +259,49 @@ def test_validation_is_repeatable_and_leaves_training_unchanged() -> None:
     trainer(max_steps=4, val_check_interval=2, limit_val_batches=2).fit(validated, loader(8), loader(2))
     for (name, a), b in zip(plain.state_dict().items(), validated.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_skipping_stops_after_max_skipped_updates_in_a_row_naming_step_network_and_lr() -> None:
+    """lr 1e6 makes every update after the first non-finite: 'skip' must not skip to the end and exit 0."""
+    module = dmd_module(
+        nonfinite="skip",
+        generator_optimizer=OptimizerSpec(lr=1e6),
+        critic_optimizer=OptimizerSpec(lr=1e6),
+        max_skipped_updates=2,
+    )
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(
+            NonFiniteLossError,
+            match=r"3 critic updates in a row skipped .* last at step 3 .*critic_optimizer: lr 1e\+06",
+        ),
+    ):
+        fit(module, steps=30)
+
+
+def test_logged_values_belong_to_their_step(tmp_path) -> None:
+    """A value a step did not produce is NaN in the log, never the previous step's value."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = dmd_module(gen_update_ratio=2)
+    logger = CSVLogger(tmp_path, name="log")
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=logger, log_every_n_steps=1,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, loader())
+    rows = list(csv.DictReader(next(tmp_path.glob("log/*/metrics.csv")).read_text().splitlines()))
+    generator = {int(r["step"]): r["train/generator_loss"] for r in rows if r.get("train/generator_loss")}
+    assert [k for k, v in generator.items() if v != "nan"] == [0, 2]  # generator steps only
+    assert generator[1] == generator[3] == "nan"
+    critic = [float(r["train/critic_loss"]) for r in rows if r.get("train/critic_loss")]
+    assert len(critic) == 4 and len(set(critic)) == 4  # a fresh value every step
+
+
+def test_flow_matching_skipping_stops_after_max_skipped_updates_in_a_row() -> None:
+    from memflow_train.methods import FlowMatchingFinetune
+
+    module = FlowMatchingFinetune(model={"preset": "tiny"}, nonfinite="skip", max_skipped_updates=1)
+    module.flow_matching_loss = lambda *args: torch.tensor(float("nan"))  # every step's loss is non-finite
+    with pytest.raises(NonFiniteLossError, match=r"2 steps in a row skipped .* last at step 1 .*lr 1e-05"):
+        fit(module, steps=10, latents=True)

@@ -19,7 +19,7 @@ from memflow_train.memory import MemoryConfig
 from memflow_train.methods.ema import ParameterEMA
 from memflow_train.methods.hparams import coerce, save_plain_hyperparameters
 from memflow_train.methods.lora import add_lora
-from memflow_train.methods.optim import apply_optimizer_specs
+from memflow_train.methods.optim import apply_optimizer_specs, optimizer_diagnosis
 from memflow_train.methods.self_forcing import NonFiniteLossError
 from memflow_train.methods.specs import (
     BackboneSpec,
@@ -29,6 +29,7 @@ from memflow_train.methods.specs import (
     TextEncoderSpec,
     check_method_numbers,
 )
+from memflow_train.methods.step_log import StepLog
 from memflow_train.sampling import FlowMatchSchedule, SampleNoise
 
 
@@ -56,10 +57,13 @@ class FlowMatchingFinetune(LightningModule):
         ema_decay: float | None = None,
         ema_start_step: int = 0,
         nonfinite: Literal["stop", "skip"] = "stop",
+        max_skipped_updates: int = 3,
         seed: int = 0,
     ) -> None:
         """max_frames: latent frames used per sample (whole chunks, from the start); default all.
-        optimizer.grad_clip is applied by this module; leave the Trainer's gradient clipping off."""
+        optimizer.grad_clip is applied by this module; leave the Trainer's gradient clipping off.
+        nonfinite: "stop" at the first non-finite loss, or "skip" the step; after more than
+        max_skipped_updates skipped steps in a row the run stops."""
         super().__init__()
         model, memory = coerce(BackboneSpec, model), coerce(MemoryConfig, memory)
         optimizer, lora = coerce(OptimizerSpec, optimizer), coerce(LoraSpec, lora)
@@ -87,6 +91,9 @@ class FlowMatchingFinetune(LightningModule):
         number_range("timestep_range", timestep_range, low=0, high=1000)
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        whole("max_skipped_updates", max_skipped_updates, low=0)
+        self.step_log = StepLog(progress_bar=("train/loss",))
+        self.skipped_in_a_row = 0
         n = memory.num_frame_per_block
         if max_frames is not None and (max_frames < n or max_frames % n):
             raise ValueError(f"max_frames ({max_frames}) must be a positive multiple of num_frame_per_block ({n})")
@@ -159,14 +166,26 @@ class FlowMatchingFinetune(LightningModule):
     def training_step(self, batch: LatentBatch, batch_idx: int) -> torch.Tensor | None:
         caption, mask = self._caption(batch)
         loss = self.flow_matching_loss(self._frames(batch), caption, mask, self.global_step)
-        if not torch.isfinite(loss):
-            message = f"non-finite flow-matching loss ({loss.item()}) at step {self.global_step}"
-            if self.hparams.nonfinite == "stop":
-                raise NonFiniteLossError(message + "; set nonfinite: skip to skip such steps")
-            self.log("train/skipped_steps", 1.0, reduce_fx="sum")
-            return None  # Lightning skips the optimizer step
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.prompts))
-        return loss
+        finite = bool(torch.isfinite(loss))
+        self.step_log.put("train/skipped_steps", float(not finite))
+        if finite:
+            self.skipped_in_a_row = 0
+            self.step_log.put("train/loss", loss)
+            self.step_log.flush(self, batch_size=len(batch.prompts))
+            return loss
+        message = f"non-finite flow-matching loss ({loss.item()}) at step {self.global_step}"
+        if self.hparams.nonfinite == "stop":
+            raise NonFiniteLossError(message + "; set nonfinite: skip to skip such steps")
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row > self.hparams.max_skipped_updates:
+            group = self.optimizers().optimizer.param_groups[0]
+            raise NonFiniteLossError(
+                f"{self.skipped_in_a_row} steps in a row skipped for non-finite losses, the last at step "
+                f"{self.global_step} (max_skipped_updates: {self.hparams.max_skipped_updates}); "
+                + optimizer_diagnosis("optimizer", {**group, "max_grad_norm": self.optimizer_spec.grad_clip})
+            )
+        self.step_log.flush(self, batch_size=len(batch.prompts))
+        return None  # Lightning skips the optimizer step
 
     def validation_step(self, batch: LatentBatch, batch_idx: int) -> None:
         """The loss on a held-out batch; draws keyed by the batch index, so every validation is the same."""

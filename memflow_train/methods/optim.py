@@ -133,3 +133,16 @@ def apply_optimizer_specs(optimizer: object, scheduler: object, specs: dict[str,
             group["max_grad_norm"] = spec.grad_clip
         if base_lrs is not None:
             base_lrs[i] = spec.lr
+
+
+def optimizer_diagnosis(name: str, group: dict) -> str:
+    """What a run that keeps producing non-finite values should check in one optimizer's settings."""
+    settings = {k: group.get(k) for k in ("lr", "betas", "eps", "weight_decay", "max_grad_norm")}
+    bad = [
+        k
+        for k, v in settings.items()
+        if v is not None and not torch.isfinite(torch.tensor(v, dtype=torch.float64)).all()
+    ]
+    if bad:
+        return f"{name} has non-finite settings: " + ", ".join(f"{k} = {settings[k]}" for k in bad)
+    return f"its settings are finite ({name}: lr {settings['lr']:g}, grad clip {settings['max_grad_norm']}); a lr too large is the usual cause"

@@ -36,6 +36,7 @@ from memflow_train.methods.optim import (
     NonFiniteGradientError,
     apply_optimizer_specs,
     find_multi_network_optimizer,
+    optimizer_diagnosis,
 )
 from memflow_train.methods.specs import (
     BackboneSpec,
@@ -45,6 +46,7 @@ from memflow_train.methods.specs import (
     TextEncoderSpec,
     check_method_numbers,
 )
+from memflow_train.methods.step_log import StepLog
 from memflow_train.models.causal_wan import CausalWanTransformer, TextContext
 from memflow_train.rollout import PromptSchedule, StreamingGenerator
 from memflow_train.sampling import FlowMatchSchedule, SampleNoise, seeded
@@ -108,11 +110,15 @@ class SelfForcingDMD(LightningModule):
         text_encoder: TextEncoderSpec | None = None,
         negative_prompt: str = WAN_NEGATIVE_PROMPT,
         nonfinite: Literal["stop", "skip"] = "stop",
+        max_skipped_updates: int = 3,
         seed: int = 0,
     ) -> None:
         """generator: the causal student; teacher: the frozen real score; critic: the fake score
         (default: a trainable copy of the teacher). Shapes: num_frames latent frames per rollout
-        (whole chunks of memory.num_frame_per_block) of latent_size (H, W)."""
+        (whole chunks of memory.num_frame_per_block) of latent_size (H, W).
+        nonfinite: "stop" at the first non-finite loss or gradient norm, or "skip" that network's
+        update; after more than max_skipped_updates skipped updates in a row of one network the
+        run stops, naming the step, the network and its optimizer settings."""
         super().__init__()
         self.automatic_optimization = False
         generator, teacher, critic = (coerce(BackboneSpec, s) for s in (generator, teacher, critic))
@@ -126,6 +132,7 @@ class SelfForcingDMD(LightningModule):
         save_plain_hyperparameters(self, locals())
         self.optimizer_specs = {"generator": generator_optimizer, "critic": critic_optimizer}
         whole("gen_update_ratio", gen_update_ratio, low=1)
+        whole("max_skipped_updates", max_skipped_updates, low=0)
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         check_method_numbers(
@@ -165,6 +172,8 @@ class SelfForcingDMD(LightningModule):
         )
         self.ema = ParameterEMA(ema_decay, ema_start_step) if ema_decay is not None else None
         self._negative_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.step_log = StepLog(progress_bar=("train/generator_loss", "train/critic_loss"))
+        self.skipped_in_a_row = {"generator": 0, "critic": 0}
         self.last_exit_steps: list[int] = []  # the latest rollout's exit steps, for inspection
 
     # ------------------------------------------------------------------------------------ set-up
@@ -284,7 +293,6 @@ class SelfForcingDMD(LightningModule):
         if self.hparams.nonfinite == "stop":
             raise NonFiniteLossError(message + "; set nonfinite: skip to skip such updates")
         warnings.warn(message + "; skipping this update of the " + network, stacklevel=2)
-        self.log(f"train/{network}_skipped_updates", 1.0, reduce_fx="sum")
         return False
 
     # ------------------------------------------------------------------------------------ rollout + losses
@@ -346,9 +354,11 @@ class SelfForcingDMD(LightningModule):
         losses: dict[str, torch.Tensor] = {}
         if step % self.hparams.gen_update_ratio == 0:
             losses["generator"], logs = self.generator_loss(texts, step)
-            self.log_dict({f"train/{k}": v for k, v in logs.items()})
+            for k, v in logs.items():
+                self.step_log.put(f"train/{k}", v)
         losses["critic"] = self.critic_loss(self.critic_samples(texts, step), texts.embeds[:, 0], step)
         self.update_networks(losses, step)
+        self.step_log.flush(self)
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         """Both losses on a held-out batch, without updates: a fresh rollout (prompt 0) per batch, its draws
@@ -371,16 +381,33 @@ class SelfForcingDMD(LightningModule):
         """
         trained = [name for name, loss in losses.items() if self._check_finite(loss, name, step)]
         for name in trained:
-            self.log(f"train/{name}_loss", losses[name].float(), prog_bar=True)
+            self.step_log.put(f"train/{name}_loss", losses[name].float())
         if trained:
             self.manual_backward(sum(losses[name] for name in trained))
-        self._step_networks(self.optimizers(), trained, step)
+        stepped = self._step_networks(self.optimizers(), trained, step)
         self.lr_schedulers().step()
-        if self.ema is not None and "generator" in trained:
+        if self.ema is not None and "generator" in stepped:
             self.ema.update(self.generator, step)
+        for name in losses:
+            self._count_skips(name, skipped=name not in stepped, step=step)
 
-    def _step_networks(self, optimizer: Any, trained: list[str], step: int) -> None:
-        """Step the trained networks; each is clipped by its own norm inside the optimizer (ZeRO-aware)."""
+    def _count_skips(self, network: str, skipped: bool, step: int) -> None:
+        """Stop after more than max_skipped_updates skipped updates in a row of one network."""
+        self.step_log.put(f"train/{network}_skipped_updates", float(skipped))
+        self.skipped_in_a_row[network] = self.skipped_in_a_row[network] + 1 if skipped else 0
+        if self.skipped_in_a_row[network] <= self.hparams.max_skipped_updates:
+            return
+        group = find_multi_network_optimizer(self.optimizers()).group(network)
+        raise NonFiniteLossError(
+            f"{self.skipped_in_a_row[network]} {network} updates in a row skipped for non-finite losses or "
+            f"gradients, the last at step {step} (max_skipped_updates: {self.hparams.max_skipped_updates}); "
+            + optimizer_diagnosis(f"{network}_optimizer", group)
+        )
+
+
+    def _step_networks(self, optimizer: Any, trained: list[str], step: int) -> list[str]:
+        """Step the trained networks; each is clipped by its own norm inside the optimizer (ZeRO-aware).
+        Returns the networks actually updated (a non-finite gradient norm skips one under nonfinite: skip)."""
         inner = find_multi_network_optimizer(optimizer)
         inner.set_active(trained)
         try:
@@ -389,12 +416,12 @@ class SelfForcingDMD(LightningModule):
             raise NonFiniteGradientError(f"{err} at step {step}; set nonfinite: skip to skip such updates") from err
         optimizer.zero_grad(set_to_none=True)
         for name, norm in inner.grad_norms.items():
-            self.log(f"train/{name}_grad_norm", norm.float())
+            self.step_log.put(f"train/{name}_grad_norm", norm.float())
         for name in inner.skipped:
             warnings.warn(f"non-finite {name} gradient norm at step {step}; skipped this update", stacklevel=2)
-            self.log(f"train/{name}_skipped_updates", 1.0, reduce_fx="sum")
         for name in ("generator", "critic"):
-            self.log(f"train/{name}_lr", inner.group(name)["lr"])
+            self.step_log.put(f"train/{name}_lr", inner.group(name)["lr"])
+        return [name for name in trained if name not in inner.skipped]
 
     # ------------------------------------------------------------------------------------ checkpoints
 
@@ -410,6 +437,7 @@ class SelfForcingDMD(LightningModule):
             del state[key]
         if self.ema is not None:
             checkpoint["generator_ema"] = self.ema.state_dict()
+        checkpoint["skipped_in_a_row"] = dict(self.skipped_in_a_row)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
@@ -419,6 +447,7 @@ class SelfForcingDMD(LightningModule):
                 state.update({prefix + k: v for k, v in module.state_dict().items()})
         if self.ema is not None and "generator_ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["generator_ema"])
+        self.skipped_in_a_row.update(checkpoint.get("skipped_in_a_row", {}))
 
 
 def _as_tuple(value: Any) -> tuple:

@@ -155,11 +155,13 @@ class StreamingLongTuning(SelfForcingDMD):
         losses: dict[str, torch.Tensor] = {}
         if train_generator:
             losses["generator"], logs = self.distribution_matching_loss(window, cond, state.texts.negative, step, mask)
-            self.log_dict({f"train/{k}": v for k, v in logs.items()})
+            for k, v in logs.items():
+                self.step_log.put(f"train/{k}", v)
         losses["critic"] = self.critic_loss(window.detach(), cond, step)
         self.update_networks(losses, step)
-        self.log("train/sequence_length", float(state.length))
-        self.log("train/prompt_switched", float(not switched_before and state.length >= state.switch_frame))
+        self.step_log.put("train/sequence_length", float(state.length))
+        self.step_log.put("train/prompt_switched", float(not switched_before and state.length >= state.switch_frame))
+        self.step_log.flush(self)
 
     # ------------------------------------------------------------------------------------ checkpoints
 
