@@ -62,6 +62,8 @@ def measure(memory: MemoryConfig, num_frames: int) -> list[dict]:
 
 def _table(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"{args.num_frames}-frame rollout, memory of {args.config}")
+    if args.record_interval == 1:
+        print("(record_interval 1: both cadences record every chunk, so the rows are the same)")
     print("| record_cadence | chunks with a bank | bank frames per chunk | mean |")
     print("|---|---|---|---|")
     for r in rows:
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.num_frames = int(init["num_frames"])
     if args.num_frames < memory.num_frame_per_block or args.num_frames % memory.num_frame_per_block:
         p.error(f"--num-frames {args.num_frames} is not a whole number of {memory.num_frame_per_block}-frame chunks")
+    args.record_interval = memory.record_interval
     return publish(measure(memory, args.num_frames), args, _table)
 
 

@@ -55,6 +55,16 @@ from memflow_train.rollout import StreamingGenerator
 from memflow_train.sampling import FlowMatchSchedule
 
 
+_KNOB_HELP = {
+    "prototype": "a bank candidate: the chunk's first frame (MemFlow code) or its frames merged by relevance (paper)",
+    "record_cadence": "interval: a candidate every --record-interval chunks; every_chunk: MemFlow's stage-1 cadence",
+    "recache": "at a switch: chunkwise (ours, block-causal) or joint (official: one forward over sink + window frames)",
+    "recache_sink": "at a switch: keep the sink, reencode_early (MemFlow global_sink true) or replace "
+    "(LongLive global_sink false; needs --memory off)",
+    "context_noise": "cache writes of generated chunks: none (clean) or schedule_table (official sigma 0.005)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m memflow_train.generation",
@@ -101,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         if knob in ("relevance_softmax", "sma_include_sink"):
             m.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif knob in MEMORY_CHOICES:
-            m.add_argument(flag, choices=MEMORY_CHOICES[knob])
+            m.add_argument(flag, choices=MEMORY_CHOICES[knob], help=_KNOB_HELP.get(knob))
         else:
             m.add_argument(flag, type=int)
     return p

@@ -36,18 +36,22 @@ class MemoryConfig:
       chunk: while the bank has room, a candidate overwrites the open (newest) slot unless that
       slot's frame came from an earlier group of record_interval chunks, which seals it and
       opens the next; once full, every candidate triggers retrieval (MemFlow's single-prompt
-      inference and stage 1).
+      inference and stage 1). Either way a chunk overlapping the sink records nothing (the sink
+      keeps it in view), and a candidate joins once its chunk left the window.
     - recache: "chunkwise" re-encodes, at a prompt switch, the frames the window still holds
       chunk by chunk, block-causally; "joint" re-encodes the last sink_size + local_attn_size
       frames (the official local_attn_size, which counts the sink) in ONE forward in which every
       re-encoded frame attends every other; only the frames the window holds are kept.
     - recache_sink: "keep" never re-encodes the sink; "reencode_early" (MemFlow's global_sink
-      true) re-encodes it under the new prompt when the switch comes within the first
-      sink_size + local_attn_size frames; "replace" (LongLive's global_sink false, memory-free
-      only) makes the first sink_size re-encoded frames the sink for the rest of the video.
+      true) re-encodes everything from frame 0 under the new prompt, sink included, when the
+      chunk at which the switch takes effect starts at frame <= sink_size + local_attn_size
+      (chunkwise replays those frames from their kept latents, also those the window had
+      evicted); "replace" (LongLive's global_sink false, memory-free only) makes the first
+      sink_size re-encoded frames the sink for the rest of the video.
     - context_noise: "none" writes the clean chunk into the cache; "schedule_table" first adds
       noise at the sigma of the training table's entry nearest the context timestep, as the
-      official training rollout does (about 0.005 at timestep 0 with shift 5).
+      official training rollout does (about 0.005 at timestep 0 with shift 5). It applies to the
+      write of each generated chunk; recache re-encodes clean latents (as the official recache).
     """
 
     enabled: bool = True
@@ -79,7 +83,8 @@ class MemoryConfig:
         if self.recache_sink == "replace" and self.enabled:
             raise ValueError(
                 "memory.recache_sink='replace' (LongLive's global_sink false) is for memory-free runs: the new "
-                "sink could hold frames the bank holds too; set memory.enabled false or another recache_sink"
+                "sink could hold frames the bank holds too; turn the memory off (memory.enabled: false in YAML, "
+                "--memory off in generation) or choose another recache_sink"
             )
         if not self.enabled:
             return
