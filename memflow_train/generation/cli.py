@@ -54,7 +54,6 @@ from memflow_train.models import fused_attention  # noqa: F401 (registers the fl
 from memflow_train.rollout import StreamingGenerator
 from memflow_train.sampling import FlowMatchSchedule
 
-
 _KNOB_HELP = {
     "prototype": "a bank candidate: the chunk's first frame (MemFlow code) or its frames merged by relevance (paper)",
     "record_cadence": "interval: a candidate every --record-interval chunks; every_chunk: MemFlow's stage-1 cadence",

@@ -404,7 +404,6 @@ class SelfForcingDMD(LightningModule):
             + optimizer_diagnosis(f"{network}_optimizer", group)
         )
 
-
     def _step_networks(self, optimizer: Any, trained: list[str], step: int) -> list[str]:
         """Step the trained networks; each is clipped by its own norm inside the optimizer (ZeRO-aware).
         Returns the networks actually updated (a non-finite gradient norm skips one under nonfinite: skip)."""
