@@ -14,7 +14,7 @@ COUNTERS = ("skipped_samples", "consumed_samples")
 
 class DataMonitor(L.Callback):
     """Logs data/skipped_samples (bad training samples skipped) and data/consumed_samples (training samples
-    used), summed over ranks and over resumed runs.
+    used), summed over ranks and over resumed runs, and data/val_skipped_samples per validation.
 
     Each rank's DataModule counts its own samples, but a checkpoint holds rank 0's DataModule state only, so
     the totals over ranks are kept here: this callback's state is the last logged totals, and after a resume
@@ -40,6 +40,17 @@ class DataMonitor(L.Callback):
         for name, value in zip(COUNTERS, summed.tolist(), strict=True):
             self._totals[name] = self._offset[name] + value
             pl_module.log(f"data/{name}", self._totals[name], on_step=True, on_epoch=False)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.datamodule, ShardDataModule):
+            trainer.datamodule.val_skipped_samples = 0
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """data/val_skipped_samples: bad validation samples skipped in this validation, summed over ranks."""
+        dm = trainer.datamodule
+        if isinstance(dm, ShardDataModule) and dm.val_urls is not None:
+            count = torch.tensor(float(dm.val_skipped_samples), dtype=torch.float64, device=pl_module.device)
+            pl_module.log("data/val_skipped_samples", trainer.strategy.reduce(count, reduce_op="sum"), on_epoch=True)
 
     def state_dict(self) -> dict[str, float]:
         return dict(self._totals)

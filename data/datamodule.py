@@ -33,6 +33,8 @@ class ShardDataModule(L.LightningDataModule):
         text_len: Wan pads prompt embeddings to this many tokens (512 for UMT5-XXL).
         text_dim / latent_channels / latent_size: expected widths and sizes; samples that differ are skipped.
         num_frames: latent frames of narratives whose data fixes no length.
+        min_latent_frames: samples with fewer latent frames are skipped and counted (BadSampleWarning,
+            data/skipped_samples): set it to what the method needs (one chunk; flow matching's max_frames).
         dtype: floating dtype of the batch tensors.
         max_consecutive_bad: fail after this many bad samples in a row (the settings do not fit the data).
     """
@@ -54,6 +56,7 @@ class ShardDataModule(L.LightningDataModule):
         latent_channels: int | None = None,
         latent_size: tuple[int, int] | None = None,
         num_frames: int = 21,
+        min_latent_frames: int | None = None,
         dtype: DType = "bfloat16",
         max_consecutive_bad: int = 1000,
         pin_memory: bool = False,
@@ -79,7 +82,10 @@ class ShardDataModule(L.LightningDataModule):
         self.dtype = getattr(torch, dtype)
         self.max_consecutive_bad = max_consecutive_bad
         self.pin_memory = pin_memory
-        self.spec = SampleSpec(tuple(fields), text_dim, text_len, latent_channels, latent_size and tuple(latent_size))
+        self.spec = SampleSpec(
+            tuple(fields), text_dim, text_len, latent_channels, latent_size and tuple(latent_size), min_latent_frames
+        )
+        self.val_skipped_samples = 0  # bad validation samples this rank skipped
         self._train: StreamLoader | None = None
         self._val: StreamLoader | None = None
         self._position = StreamPosition(cursors=[0] * max(1, num_workers))
@@ -148,6 +154,8 @@ class ShardDataModule(L.LightningDataModule):
         # Lightning calls this right before the step that uses the batch, after any prefetching.
         if isinstance(batch, NarrativeBatch) and batch.origin.split == "train" and self._train is not None:
             self._train.consumed(batch)
+        elif isinstance(batch, NarrativeBatch) and batch.origin.split == "val":
+            self.val_skipped_samples += batch.origin.skipped
         return batch
 
     def state_dict(self) -> dict[str, Any]:

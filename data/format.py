@@ -172,6 +172,7 @@ class SampleSpec:
     text_len: int | None = None
     latent_channels: int | None = None
     latent_size: tuple[int, int] | None = None
+    min_latent_frames: int | None = None  # shorter latents are bad samples (the method cannot train on them)
 
     def __post_init__(self) -> None:
         unknown = set(self.fields) - set(FIELD_MEMBERS)
@@ -236,6 +237,11 @@ def decode_sample(raw: dict[str, Any], spec: SampleSpec) -> Sample:
     if "latents" in spec.fields:
         sample.latents = _load_tensors(raw, FIELD_MEMBERS["latents"], ("latents",))["latents"]
         _check_latents("latents", sample.latents, spec, channel_dim=0)
+        if spec.min_latent_frames is not None and sample.latents.shape[1] < spec.min_latent_frames:
+            raise BadSample(
+                f"latents have {sample.latents.shape[1]} frames, fewer than min_latent_frames "
+                f"{spec.min_latent_frames} (too short for the method)"
+            )
     if "ode" in spec.fields:
         t = _load_tensors(raw, FIELD_MEMBERS["ode"], ("trajectory", "timesteps"))
         sample.ode_trajectory, sample.ode_timesteps = t["trajectory"], t["timesteps"]

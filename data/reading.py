@@ -20,7 +20,8 @@ from webdataset.tariterators import base_plus_ext
 
 
 class ShardOpenError(RuntimeError):
-    """A shard that cannot be opened at all (missing, unreadable, a failing pipe): fatal, unlike bad samples."""
+    """A shard that cannot be opened at all (missing, a failing pipe): fatal, unlike bad samples. A shard that
+    opens but holds no tar data (0 bytes, garbage) is a bad shard: skipped and counted like a bad sample."""
 
 
 def local_path(url: str) -> str | None:
@@ -67,9 +68,7 @@ def iter_raw_samples(url: str, on_unreadable: Callable[[str, str], None]) -> Ite
         stream = wds.gopen(url, "rb")
         tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (closed below; open errors differ from read errors)
     except tarfile.ReadError as err:
-        if str(err) == "empty file":
-            raise ShardOpenError(f"shard {url} is empty or could not be read") from err
-        on_unreadable(url, f"not a tar file ({err})")
+        on_unreadable(url, "an empty file (0 bytes)" if str(err) == "empty file" else f"not a tar file ({err})")
         return
     except Exception as err:  # gopen raises whatever the scheme's opener raises
         raise ShardOpenError(f"cannot open shard {url}: {err}") from err

@@ -57,6 +57,7 @@ class ShardStream(IterableDataset):
         self.worker_offset = 0
         self._skipped = 0
         self._bad_run = 0
+        self._bad_shards: dict[str, str] = {}  # unreadable shards met in the current run of bad samples
 
     def _reader(self) -> tuple[int, int, int]:
         info = get_worker_info()
@@ -77,15 +78,28 @@ class ShardStream(IterableDataset):
         self._skipped += 1
         self._bad_run += 1
         warnings.warn(f"skipping bad sample {where}: {reason}", BadSampleWarning, stacklevel=2)
-        if self._bad_run >= self.config.max_consecutive_bad:
+        if self._bad_run < self.config.max_consecutive_bad:
+            return
+        if len(self._bad_shards) == self._bad_run or set(self._bad_shards) == set(self.config.urls):
+            named = "; ".join(f"{url}: {why}" for url, why in sorted(self._bad_shards.items())[:20])
             raise RuntimeError(
-                f"{self._bad_run} bad samples in a row in the {self.config.split} stream, the last: {where}: {reason}. "
-                "The shards probably do not match the loader's settings (fields, text_dim, latent_channels)."
+                f"no usable data in the {self.config.split} stream: {len(self._bad_shards)} of its "
+                f"{len(self.config.urls)} shards cannot be read as tar files, and nothing else was read "
+                f"({named})"
             )
+        raise RuntimeError(
+            f"{self._bad_run} bad samples in a row in the {self.config.split} stream, the last: {where}: {reason}. "
+            "The shards probably do not match the loader's settings (fields, text_dim, latent_channels)."
+        )
+
+    def _bad_shard(self, url: str, reason: str) -> None:
+        """A shard with no readable tar data: counted as one bad sample, and named if nothing is usable."""
+        self._bad_shards[url] = reason
+        self._bad(f"shard {url}", f"unreadable shard: {reason}")
 
     def _samples(self, reader: int, num_readers: int) -> Iterator[Sample]:
         rng = random.Random(f"{self.config.seed}/{self.epoch}/{reader}")
-        raw = (s for url in self._shards(reader, num_readers, rng) for s in iter_raw_samples(url, self._bad))
+        raw = (s for url in self._shards(reader, num_readers, rng) for s in iter_raw_samples(url, self._bad_shard))
         if self.config.shuffle_buffer > 1:
             size = self.config.shuffle_buffer
             raw = wds.filters.shuffle(size, size, rng=random.Random(rng.random()))(raw)
@@ -97,6 +111,7 @@ class ShardStream(IterableDataset):
                 self._bad(f"{item['__key__']} in {item['__url__']}", f"{err}{error}")
                 continue
             self._bad_run = 0
+            self._bad_shards = {}
             yield sample
 
     def __iter__(self) -> Iterator[NarrativeBatch]:
@@ -176,11 +191,18 @@ class StreamLoader:
             pos.finished = True
             return
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, **self.loader_kwargs)
-        for i, batch in enumerate(loader):
+        count = 0
+        for count, batch in enumerate(loader, 1):
             yield batch
-            if remaining is not None and i + 1 >= remaining:
+            if remaining is not None and count >= remaining:
                 break
         pos.finished = True
+        if count == 0 and pos.batches == 0:
+            bad = "; ".join(f"{url}: {why}" for url, why in sorted(self.stream._bad_shards.items())[:20])
+            raise RuntimeError(
+                f"the {self.stream.config.split} stream produced no batch in epoch {pos.epoch}: no shard held a "
+                f"usable sample (see the BadSampleWarnings above{': ' + bad if bad else ''})"
+            )
 
     def consumed(self, batch: NarrativeBatch) -> None:
         """Record that the training step used this batch (call it at consumption, not at fetch: loops prefetch)."""

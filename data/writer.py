@@ -76,9 +76,13 @@ class ShardSink:
                 changed = sorted(
                     k for k in {*saved["options"], *self.options} if saved["options"].get(k) != self.options.get(k)
                 )
+                what = (
+                    "the source changed since it was written"
+                    if changed == ["source_digest"]
+                    else f"a run with other options ({', '.join(changed)})"
+                )
                 raise ValueError(
-                    f"{self.progress_path} records a run with other options ({', '.join(changed)}): "
-                    "write elsewhere, or pass --overwrite to start again"
+                    f"{self.progress_path} records {what}: write elsewhere, or pass --overwrite to start again"
                 )
             self.state = saved
         self._writer: wds.TarWriter | None = None

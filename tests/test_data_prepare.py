@@ -13,6 +13,7 @@ import torch
 from data.format import FIELD_MEMBERS, Sample, SampleSpec, decode_sample
 from data.prepare import Encoders, Item, prepare
 from data.prepare.__main__ import main
+from data.prepare.core import DroppedFramesWarning
 from data.reading import expand_urls, iter_raw_samples
 from data.video_io import decode_mp4, encode_mp4, read_video
 from data.writer import ShardSink, brace_pattern, parse_size
@@ -246,3 +247,45 @@ def test_prompts_longer_than_text_len_are_not_cut_silently(tmp_path: Path) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("error", PromptTruncatedWarning)
         encoder([long, "short"])  # fits: no warning
+
+
+def test_video_sizes_the_transformer_cannot_take_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "v").mkdir()
+    args = ["videos", str(tmp_path / "v"), "--output", str(tmp_path / "o"), "--vae", "tiny", *TINY]
+    with pytest.raises(SystemExit, match=r"multiples of 16 .*got 40x40"):
+        main([*args, "--height", "40", "--width", "40"])
+
+
+def test_clips_that_lose_frames_or_are_too_short_warn(tmp_path: Path) -> None:
+    src = tmp_path / "videos"
+    src.mkdir()
+    for name, frames in (("long", 45), ("ten", 10), ("five", 5), ("three", 3)):
+        (src / f"{name}.mp4").write_bytes(encode_mp4(_clip([200, 40, 40], frames=frames)))
+        (src / f"{name}.txt").write_text(f"a {name} clip")
+    args = ["videos", str(src), "--output", str(tmp_path / "o"), "--vae", "tiny", "--height", "16", "--width", "16"]
+    with pytest.warns(DroppedFramesWarning) as caught:
+        urls = main([*args, "--latent-dtype", "float32", *TINY])
+    messages = sorted(str(w.message) for w in caught if w.category is DroppedFramesWarning)
+    assert any(m.startswith("ten: 10 frames") and "dropping 1" in m for m in messages)
+    assert any(m.startswith("three: 3 frames") and "dropping 2" in m for m in messages)
+    assert any(m.startswith("five: 5 frames give only 2 latent frames") for m in messages)
+    assert any(m.startswith("three: 3 frames give only 1 latent frames") for m in messages)
+    assert not any(m.startswith("long") for m in messages)  # 45 = 1 + 4 * 11: nothing lost, 12 latent frames
+    frames = {s.key: s.latents.shape[1] for s in read_all(urls, ("text", "latents"))}
+    assert frames == {"five": 2, "long": 12, "ten": 3, "three": 1}
+
+
+def test_an_empty_source_is_an_error_and_a_changed_source_is_not_resumed(tmp_path: Path) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("")
+    out = ["--output", str(tmp_path / "o"), "--quiet"]
+    with pytest.raises(SystemExit, match="holds no items"):
+        main(["prompts", str(prompts), *out])
+    assert not (tmp_path / "o" / "shard-progress.json").exists()
+    prompts.write_text("a\nb\n")
+    main(["prompts", str(prompts), *out])
+    prompts.write_text("a\nb\nc\n")  # appended after the run finished
+    with pytest.raises(ValueError, match="the source changed since it was written"):
+        main(["prompts", str(prompts), *out])
+    urls = main(["prompts", str(prompts), *out, "--overwrite"])
+    assert [s.prompts for s in read_all(urls, ())] == [["a"], ["b"], ["c"]]

@@ -250,3 +250,57 @@ def test_benchmark_command_reports_throughput() -> None:
         ["--kind", "latents", *tiny, *shape, "--batch-size", "2", "--num-workers", "0", "--batches", "3"]
     )
     assert result["samples"] == 6 and result["batch"] == 2 and result["samples_per_s"] > 0
+
+
+def test_an_empty_shard_among_good_ones_is_skipped_and_counted(tmp_path: Path) -> None:
+    (tmp_path / "empty.tar").write_bytes(b"")
+    urls = write_shards(tmp_path, shards=1, per_shard=4)
+    dm = dm_for([str(tmp_path / "empty.tar"), urls], train_resampled=False, shuffle_buffer=0)
+    with pytest.warns(BadSampleWarning, match=r"empty.tar: unreadable shard: an empty file \(0 bytes\)"):
+        batches = list(dm.train_dataloader())
+    assert sum(b.origin.skipped for b in batches) == 1 and sum(len(b) for b in batches) == 4
+
+
+@pytest.mark.parametrize("resampled", [True, False])
+def test_when_no_shard_is_usable_the_error_names_the_files(tmp_path: Path, resampled: bool) -> None:
+    (tmp_path / "a.tar").write_bytes(b"")
+    (tmp_path / "b.tar").write_bytes(os.urandom(2048))
+    urls = [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    dm = dm_for(urls, train_resampled=resampled, max_consecutive_bad=6)
+    message = "no usable data" if resampled else "produced no batch"
+    with pytest.warns(BadSampleWarning), pytest.raises(RuntimeError, match=message) as err:
+        list(dm.train_dataloader())
+    assert "a.tar: an empty file" in str(err.value) and "b.tar: not a tar file" in str(err.value)
+    assert "loader's settings" not in str(err.value)
+
+
+def test_samples_too_short_for_the_method_are_skipped_and_counted(tmp_path: Path) -> None:
+    sink = ShardSink(str(tmp_path), {}, max_samples=8)
+    for i, frames in enumerate([12, 3, 2, 6]):
+        text = [torch.full((2, 4), float(i))]
+        sink.write(i, Sample(f"s{i}", [f"p {i}"], text=text, latents=torch.randn(4, frames, 2, 2)))
+    dm = dm_for(sink.close(), fields=["text", "latents"], min_latent_frames=3, train_resampled=False, shuffle_buffer=0)
+    with pytest.warns(BadSampleWarning, match=r"s2 .*latents have 2 frames, fewer than min_latent_frames 3"):
+        batches = list(dm.train_dataloader())
+    assert [k for b in batches for k in b.keys] == ["s0", "s1", "s3"]
+    assert sum(b.origin.skipped for b in batches) == 1
+    # Mixed lengths stay mixed: the 12-frame sample is padded, never cut to the 3-frame one.
+    assert batches[0].latents.shape[2] == 12 and batches[0].num_frames.tolist() == [12, 3]
+
+
+class Validating(Recorder):
+    def validation_step(self, batch: NarrativeBatch, batch_idx: int) -> None:
+        pass
+
+
+def test_skipped_validation_samples_are_counted_in_a_metric(tmp_path: Path) -> None:
+    train = write_shards(tmp_path / "t", shards=1, per_shard=4)
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "broken.tar").write_bytes(os.urandom(1024))
+    val = [str(tmp_path / "v" / "broken.tar"), write_shards(tmp_path / "v", shards=1, per_shard=3, prefix="val")]
+    dm = ShardDataModule(train_urls=train, val_urls=val, batch_size=2, num_workers=0, text_len=8,
+                         batches_per_epoch=2, dtype="float32")  # fmt: skip
+    model = Validating()
+    with pytest.warns(BadSampleWarning, match="broken.tar"):
+        _trainer(tmp_path, max_steps=2, callbacks=[DataMonitor()]).fit(model, datamodule=dm)
+    assert model.trainer.callback_metrics["data/val_skipped_samples"].item() == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from memflow_train.models.vae import WanVAE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Arguments that do not change what is written: a resumed run may differ in them.
-RUN_ONLY = {"overwrite", "progress", "quiet", "device", "batch_size"}
+RUN_ONLY = {"overwrite", "progress", "quiet", "device", "batch_size", "min_latent_frames"}
 
 
 def _common() -> argparse.ArgumentParser:
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int)
     p.add_argument("--max-frames", type=int, help="video frames to keep at most (Wan: 1 + 4k, e.g. 81)")
     p.add_argument("--keep-video", action="store_true", help="store the processed clip as mp4 too")
+    p.add_argument(
+        "--min-latent-frames", type=int, default=3, help="warn about clips shorter than this (one chunk; default 3)"
+    )
     return parser
 
 
@@ -92,11 +96,32 @@ def _items(args: argparse.Namespace) -> tuple[object, int | None]:
     else:
         if (args.height is None) != (args.width is None):
             raise SystemExit("--height and --width go together")
+        if args.height is not None and (args.height % 16 or args.width % 16 or min(args.height, args.width) < 16):
+            raise SystemExit(
+                f"error: --height and --width must be positive multiples of 16 (the VAE's stride 8 times the "
+                f"transformer's patch 2: latents of odd sizes cannot be trained), got {args.height}x{args.width}"
+            )
         size = (args.height, args.width) if args.height else None
         return sources.video_folder(args.folder, args.fps, size, args.max_frames), len(
             list(Path(args.folder).rglob("*.mp4"))
         )
     return items, len(items)
+
+
+def source_digest(args: argparse.Namespace) -> str:
+    """What the source holds now: file contents, or every video's path, size and time in a folder. A progress
+    file records it, so a resumed run refuses a source that changed (appended prompts, new videos)."""
+    digest = hashlib.sha256()
+    if args.source == "videos":
+        for path in sorted(Path(args.folder).rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                digest.update(f"{path.relative_to(args.folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    else:
+        for name in ("file", "first", "second"):
+            if getattr(args, name, None):
+                digest.update(Path(getattr(args, name)).read_bytes())
+    return digest.hexdigest()
 
 
 def _encoders(args: argparse.Namespace) -> Encoders:
@@ -125,6 +150,7 @@ def _encoders(args: argparse.Namespace) -> Encoders:
         batch_size=args.batch_size,
         text_dtype=DTYPES[args.text_dtype],
         latent_dtype=DTYPES[args.latent_dtype],
+        min_latent_frames=getattr(args, "min_latent_frames", 3),
     )
 
 
@@ -137,6 +163,10 @@ def main(argv: list[str] | None = None) -> str:
         if options.get(key):
             options[key] = str(Path(options[key]).resolve())
     items, total = _items(args)
+    if total == 0:
+        source = options.get("file") or options.get("folder") or f"{options.get('first')} / {options.get('second')}"
+        raise SystemExit(f"error: {source} holds no items to prepare")
+    options["source_digest"] = source_digest(args)
     sink = ShardSink(
         args.output,
         options,

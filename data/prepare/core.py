@@ -44,6 +44,7 @@ class Encoders:
     batch_size: int = 8
     text_dtype: torch.dtype = torch.bfloat16
     latent_dtype: torch.dtype = torch.bfloat16
+    min_latent_frames: int = 3  # shorter clips are stored with a warning: loaders of streaming methods skip them
     _negative: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def negative(self) -> torch.Tensor | None:
@@ -60,7 +61,11 @@ class SkippedItem(Exception):
     """A source item that cannot be used (unreadable video, missing caption); the run goes on without it."""
 
 
-def _load_video(item: Item, vae: WanVAE | None) -> torch.Tensor | None:
+class DroppedFramesWarning(UserWarning):
+    """A clip loses frames to the VAE's 1 + 4k rule, or is too short to train on."""
+
+
+def _load_video(item: Item, vae: WanVAE | None, min_latent_frames: int = 3) -> torch.Tensor | None:
     if item.video is None:
         return None
     try:
@@ -68,7 +73,25 @@ def _load_video(item: Item, vae: WanVAE | None) -> torch.Tensor | None:
     except Exception as err:  # whatever the decoder raises for a broken file
         raise SkippedItem(f"{item.key}: cannot read its video ({err})") from err
     if vae is not None:  # keep the longest prefix the VAE accepts: 1 + k * stride frames
-        video = video[: 1 + (video.shape[0] - 1) // vae.temporal_stride * vae.temporal_stride]
+        stride, frames = vae.temporal_stride, video.shape[0]
+        keep = 1 + (frames - 1) // stride * stride
+        if keep < frames:
+            warnings.warn(
+                f"{item.key}: {frames} frames, the VAE encodes 1 + {stride}k: keeping the first {keep} "
+                f"({1 + (keep - 1) // stride} latent frames), dropping {frames - keep}",
+                DroppedFramesWarning,
+                stacklevel=2,
+            )
+        video = video[:keep]
+        latent_frames = 1 + (keep - 1) // stride
+        if latent_frames < min_latent_frames:
+            warnings.warn(
+                f"{item.key}: {frames} frames give only {latent_frames} latent frames, fewer than "
+                f"--min-latent-frames {min_latent_frames} (one chunk): a streaming method cannot train on it and "
+                "its loader will skip it",
+                DroppedFramesWarning,
+                stacklevel=2,
+            )
     return video
 
 
@@ -79,7 +102,7 @@ def _encode_batch(items: list[Item], encoders: Encoders) -> list[Sample | Skippe
             out.append(SkippedItem(f"{item.key}: has no prompt (a video without its caption file?)"))
             continue
         try:
-            video = _load_video(item, encoders.vae)
+            video = _load_video(item, encoders.vae, encoders.min_latent_frames)
         except SkippedItem as err:
             out.append(err)
             continue
@@ -145,4 +168,6 @@ def prepare(
     urls = sink.close(end_item=seen)
     if skipped:
         warnings.warn(f"{skipped} source items were skipped (see the warnings above)", stacklevel=2)
+    if not sink.state["shards"]:
+        raise ValueError(f"no sample was written: all {skipped} source items were skipped (see the warnings above)")
     return urls

@@ -129,21 +129,40 @@ class FlowMatchingFinetune(LightningModule):
         embeds, mask = self.text_encoder([p[0] for p in batch.prompts], self.device)
         return embeds.to(self.device, self.model.dtype), mask.to(self.device)
 
-    def _frames(self, batch: LatentBatch) -> torch.Tensor:
+    def _frames(self, batch: LatentBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's latents cut to whole chunks (and max_frames), and each sample's chunk count (B,).
+
+        Samples of a batch may differ in length (zero-padded to the longest): each is trained on its own
+        whole chunks, never cut to the shortest. A sample shorter than one chunk is an error naming it:
+        the DataModule's min_latent_frames skips such samples before they reach a batch.
+        """
         if batch.latents is None:
             raise ValueError("flow-matching fine-tuning needs latents in the batch (prepare shards with a VAE)")
         n = self.memory.num_frame_per_block
-        usable = int(batch.num_frames.min())
+        lengths = batch.num_frames.clamp(max=batch.latents.shape[2])
         if self.hparams.max_frames is not None:
-            usable = min(usable, self.hparams.max_frames)
-        usable -= usable % n
-        if usable < n:
-            raise ValueError(f"samples have {int(batch.num_frames.min())} latent frames, fewer than one chunk of {n}")
-        return batch.latents[:, :, :usable].to(self.device, self.model.dtype)
+            lengths = lengths.clamp(max=self.hparams.max_frames)
+        chunks = lengths // n
+        names = list(getattr(batch, "keys", range(len(chunks))))
+        short = [k for k, c in zip(names, chunks.tolist(), strict=True) if c < 1]
+        if short:
+            raise ValueError(
+                f"samples {short} have fewer latent frames than one chunk of {n}: set the DataModule's "
+                f"min_latent_frames to {n} (or more) to skip them"
+            )
+        usable = int(chunks.max()) * n
+        return batch.latents[:, :, :usable].to(self.device, self.model.dtype), chunks.to(self.device)
 
     def flow_matching_loss(
-        self, x0: torch.Tensor, caption: torch.Tensor, mask: torch.Tensor, step: int
+        self,
+        x0: torch.Tensor,
+        caption: torch.Tensor,
+        mask: torch.Tensor,
+        step: int,
+        sample_chunks: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Mean flow-matching MSE over every (sample, chunk) pair; sample_chunks (B,) limits each sample to
+        its own first chunks (default: all of x0's)."""
         n = self.memory.num_frame_per_block
         b, chunks = x0.shape[0], x0.shape[2] // n
         rng = SampleNoise(self.hparams.seed, step, "fm", first_index=self.global_rank * b, count=b)
@@ -157,15 +176,20 @@ class FlowMatchingFinetune(LightningModule):
             x0_c, noise_c = x0[:, :, c * n : (c + 1) * n], noise[:, :, c * n : (c + 1) * n]
             x_t = self.schedule.add_noise(x0_c, noise_c, t[:, c])
             flow = self.model.forward_chunk(x_t, t[:, c], context, cache)
-            losses.append(F.mse_loss(flow.float(), (noise_c - x0_c).float()))
+            losses.append(F.mse_loss(flow.float(), (noise_c - x0_c).float(), reduction="none").mean((1, 2, 3, 4)))
             with torch.no_grad():
                 ctx_t = torch.full((b,), self.hparams.context_timestep, device=self.device)
                 self.model.forward_chunk(x0_c, ctx_t, context, cache, update_cache=True)
-        return torch.stack(losses).mean()
+        per_chunk = torch.stack(losses, 1)  # (B, chunks)
+        if sample_chunks is None:
+            return per_chunk.mean()
+        valid = torch.arange(chunks, device=per_chunk.device)[None] < sample_chunks[:, None]
+        return (per_chunk * valid).sum() / valid.sum()
 
     def training_step(self, batch: LatentBatch, batch_idx: int) -> torch.Tensor | None:
         caption, mask = self._caption(batch)
-        loss = self.flow_matching_loss(self._frames(batch), caption, mask, self.global_step)
+        frames, sample_chunks = self._frames(batch)
+        loss = self.flow_matching_loss(frames, caption, mask, self.global_step, sample_chunks)
         finite = bool(torch.isfinite(loss))
         self.step_log.put("train/skipped_steps", float(not finite))
         if finite:
@@ -190,9 +214,9 @@ class FlowMatchingFinetune(LightningModule):
     def validation_step(self, batch: LatentBatch, batch_idx: int) -> None:
         """The loss on a held-out batch; draws keyed by the batch index, so every validation is the same."""
         caption, mask = self._caption(batch)
-        frames = self._frames(batch)
+        frames, sample_chunks = self._frames(batch)
         with torch.no_grad():
-            loss = self.flow_matching_loss(frames, caption, mask, -1 - batch_idx)
+            loss = self.flow_matching_loss(frames, caption, mask, -1 - batch_idx, sample_chunks)
         self.log("val/loss", loss, sync_dist=True, batch_size=frames.shape[0])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
