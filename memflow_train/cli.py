@@ -107,5 +107,9 @@ class MemflowCLI(LightningCLI):
             rank_zero_info(f"resuming with {key} = {new!r} (the checkpoint had {old!r})")
 
     def before_fit(self) -> None:
+        # A .ckpt resumes through torch.load: our checkpoints hold tensors and plain data only, so load them
+        # with weights_only=True (a crafted file cannot run code) unless --weights_only false is given.
+        if self.config_init["fit"].get("weights_only") is None:
+            self.config_init["fit"]["weights_only"] = True
         self.trainer.callbacks.append(WandbRunIdCallback())
         resume_wandb_run(self.trainer, self.config["fit"].get("ckpt_path"))

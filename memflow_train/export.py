@@ -30,8 +30,9 @@ def export(
     ema: bool | None = None,
     fmt: str = "diffusers",
     dtype: str = "float32",
+    trust: bool = False,
 ) -> CausalWanTransformer:
-    model = load_trained_network(checkpoint, network, ema=ema, dtype=torch_dtype(dtype))
+    model = load_trained_network(checkpoint, network, ema=ema, dtype=torch_dtype(dtype), trust=trust)
     output = Path(output)
     if fmt == "diffusers":
         model.save_pretrained(output)
@@ -57,9 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     weights.add_argument("--ema", action="store_true", help="require the EMA weights (error if the run has none yet)")
     parser.add_argument("--format", default="diffusers", choices=["diffusers", "safetensors"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="accept checkpoint files that hold objects outside the safe allow-list (loading them can run code)",
+    )
     args = parser.parse_args(argv)
     ema = False if args.live_weights else (True if args.ema else None)
-    model = export(args.checkpoint, args.output, args.network, ema, args.format, args.dtype)
+    model = export(args.checkpoint, args.output, args.network, ema, args.format, args.dtype, args.trust_checkpoint)
     print(f"wrote {args.output}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
 

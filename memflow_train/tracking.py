@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+
+from memflow_train.models.trust import safe_load
 
 RUN_ID_KEY = "wandb_run_id"
 
@@ -65,7 +66,7 @@ def checkpoint_run_id(path: str | Path) -> str | None:
         path = files[0]
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get(RUN_ID_KEY)
+    return safe_load(path, mmap=True).get(RUN_ID_KEY)
 
 
 def resume_wandb_run(trainer: Trainer, ckpt_path: str | Path | None) -> None:

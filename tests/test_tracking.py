@@ -52,7 +52,8 @@ def test_offline_wandb_run_holds_scalars_config_and_resumes_the_same_run(tmp_pat
     run_id = next(r["run"]["run_id"] for r in records if r.get("type") == "run")
     history = [r["history"]["item"] for r in records if r.get("type") == "history"]
     assert len(history) >= 6 and all("train/critic_loss" in h for h in history)
-    assert len({h["train/generator_loss"] for h in history}) == 2  # updated at steps 0 and 5
+    generator = [h["train/generator_loss"] for h in history]
+    assert len({g for g in generator if g != "NaN"}) == 2 and generator.count("NaN") == len(generator) - 2  # steps 0, 5
     config = {k: v for r in records if r.get("type") == "config" for k, v in r["config"]["update"].items()}
     assert config["cli"]["model"]["class_path"] == "memflow_train.methods.SelfForcingDMD"
     assert config["cli"]["trainer"]["max_steps"] == 6

@@ -106,13 +106,16 @@ def load_generator(
     checkpoint_key: str | None,
     dtype: torch.dtype,
     device: torch.device,
+    trust_checkpoint: bool = False,
 ) -> CausalWanTransformer:
     """The causal generator: the checkpoint's weights (the architecture of `spec`, a config's generator,
     when given; else what the checkpoint records or its shapes say), or `spec` alone (its own weights,
-    else random ones, with a warning)."""
+    else random ones, with a warning). trust_checkpoint: see memflow_train.models.trust."""
     if checkpoint is not None:
         config = spec.architecture() if spec is not None else None
-        model = load_transformer(checkpoint, config, checkpoint_key=checkpoint_key, dtype=dtype)
+        model = load_transformer(
+            checkpoint, config, checkpoint_key=checkpoint_key, dtype=dtype, trust_checkpoint=trust_checkpoint
+        )
     elif spec is not None:
         if spec.weights is None:
             warnings.warn("the config's generator has no weights: generating with random weights", stacklevel=2)

@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("models")
     g.add_argument("--checkpoint", help="generator weights (any source load_transformer reads)")
     g.add_argument("--checkpoint-key", help="entry of a training checkpoint (default: EMA generator)")
+    g.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="accept checkpoint files holding objects outside the safe allow-list (loading them can run code)",
+    )
     g.add_argument("--config", help="training YAML: generator spec (architecture), memory and sampling settings")
     g.add_argument("--text-encoder", help="Wan folder (text_encoder/ + tokenizer/) or UMT5 folder (default: config's)")
     g.add_argument("--tokenizer", help="tokenizer folder when the text encoder folder has none")
@@ -129,7 +134,14 @@ def build_pipeline(args: argparse.Namespace) -> StreamingVideoPipeline:
     spec = recipe.generator if args.config is not None else None
     if args.checkpoint is None and spec is None:
         raise SystemExit("error: pass --checkpoint and/or --config")
-    model = load_generator(spec, args.checkpoint, args.checkpoint_key, parse_dtype(args.dtype, default_dtype), device)
+    model = load_generator(
+        spec,
+        args.checkpoint,
+        args.checkpoint_key,
+        parse_dtype(args.dtype, default_dtype),
+        device,
+        args.trust_checkpoint,
+    )
     model.set_attention_backend(args.attention_backend)
     text = load_text_encoder(
         recipe, args.text_encoder, args.tokenizer, args.text_len, parse_dtype(args.text_dtype, default_dtype), device

@@ -27,9 +27,9 @@ from memflow_train.models.loading import (
 )
 
 
-def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_training_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
     path = Path(path)
-    ckpt = read_deepspeed_checkpoint(path) if is_deepspeed_checkpoint(path) else read_weights(path)
+    ckpt = read_deepspeed_checkpoint(path, trust) if is_deepspeed_checkpoint(path) else read_weights(path)
     if "pytorch-lightning_version" not in ckpt:
         raise ValueError(f"{path} is not a memflow-train training checkpoint (no Lightning state)")
     return ckpt
@@ -51,15 +51,20 @@ def is_training_checkpoint(path: str | Path) -> bool:
 
 
 def load_trained_network(
-    path: str | Path, network: str | None = None, ema: bool | None = None, dtype: torch.dtype | None = None
+    path: str | Path,
+    network: str | None = None,
+    ema: bool | None = None,
+    dtype: torch.dtype | None = None,
+    trust: bool = False,
 ) -> CausalWanTransformer:
     """The trained network, frozen weights completed, LoRA merged.
 
     network: generator, critic or model (FlowMatchingFinetune); default: whichever the run trained.
     ema: True requires its EMA weights (KeyError if the run has none yet), False takes the live
-    ones, None the EMA when there is one (with a warning when there is not).
+    ones, None the EMA when there is one (with a warning when there is not). trust: accept
+    DeepSpeed files that could run code when unpickled (memflow_train.models.trust).
     """
-    ckpt = read_training_checkpoint(path)
+    ckpt = read_training_checkpoint(path, trust)
     if network is None:
         network = "generator" if "generator" in (ckpt.get("hyper_parameters") or {}) else "model"
     trained, lora, alpha = lightning_network(ckpt, network, ema)

@@ -41,6 +41,7 @@ class BackboneSpec:
     lora_alpha: float | None = None
     dtype: str = "float32"
     seed: int = 0
+    trust_checkpoint: bool = False  # accept checkpoint files that could run code (memflow_train.models.trust)
 
     def __post_init__(self) -> None:
         torch_dtype(self.dtype)
@@ -60,7 +61,7 @@ class BackboneSpec:
                 key = self.checkpoint_key
                 network = key.removesuffix("_ema") if key else None
                 ema = None if key is None else key.endswith("_ema")
-                return load_trained_network(self.weights, network, ema=ema, dtype=dtype)
+                return load_trained_network(self.weights, network, ema=ema, dtype=dtype, trust=self.trust_checkpoint)
             config = self.architecture() if (self.preset or self.config) else None
             return load_transformer(
                 self.weights,
@@ -69,6 +70,7 @@ class BackboneSpec:
                 lora=self.lora_weights,
                 lora_alpha=self.lora_alpha,
                 dtype=dtype,
+                trust_checkpoint=self.trust_checkpoint,
             )
         if self.lora_weights is not None:
             raise ValueError("lora_weights need base weights: set weights too")

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from memflow_train.models.causal_wan import CausalWanTransformer, cast_keeping_fp32
 from memflow_train.models.presets import wan_config
+from memflow_train.models.trust import check_folder, load_client_state
 
 # Entries of a training checkpoint that hold generator weights, in order of preference.
 GENERATOR_KEYS = ("generator_ema", "generator", "model", "state_dict", "module")
@@ -163,26 +164,30 @@ def is_deepspeed_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / "latest").is_file()
 
 
-def read_deepspeed_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_deepspeed_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
     """Consolidate a (ZeRO-sharded) DeepSpeed checkpoint directory into one Lightning-style dict.
 
     fp32 weights gathered from every rank's partitions under "state_dict" (frozen parameters the
     run excluded are absent), plus the Lightning client state saved by rank 0 (hyperparameters,
-    EMA, loops, ...). Nothing is written to disk.
+    EMA, loops, ...). Nothing is written to disk. Every file is proven safe to unpickle first
+    (memflow_train.models.trust); UntrustedCheckpointError unless trust.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_file
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from lightning.pytorch.utilities.deepspeed import ds_checkpoint_dir
 
     path = Path(path)
+    check_folder(path, trust)
     state = get_fp32_state_dict_from_zero_checkpoint(str(path))
     folder = Path(ds_checkpoint_dir(str(path)))
-    optim_files = sorted(folder.glob("*_optim_states.pt"))
-    zero_stage = 0
-    if optim_files:
-        zero_stage = torch.load(optim_files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"][
-            "zero_stage"
-        ]
-    client = torch.load(get_model_state_file(str(folder), zero_stage), map_location="cpu", weights_only=False)
+    # rank 0's model-states file: its name tells the ZeRO stage (no optimizer-state file is read for it)
+    client_file = next(
+        (f for f in (folder / "zero_pp_rank_0_mp_rank_00_model_states.pt", folder / "mp_rank_00_model_states.pt")
+         if f.is_file()),
+        None,
+    )  # fmt: skip
+    if client_file is None:
+        raise FileNotFoundError(f"{folder} has no rank-0 model-states file: not a DeepSpeed checkpoint")
+    client = load_client_state(client_file, trust)
     engine_keys = {"module", "optimizer", "lr_scheduler", "csr_tensor_module_names", "skipped_steps", "global_steps",
                    "dp_world_size", "mp_world_size", "buffer_names", "param_shapes", "frozen_param_shapes",
                    "shared_params", "frozen_param_fragments", "ds_config", "ds_version"}  # fmt: skip
@@ -357,8 +362,12 @@ def load_transformer(
     lora: str | Path | None = None,
     lora_alpha: float | None = None,
     dtype: torch.dtype | None = None,
+    trust_checkpoint: bool = False,
 ) -> CausalWanTransformer:
     """Build a CausalWanTransformer from any supported weight source (see module docstring).
+
+    Torch pickles load with weights_only=True; a DeepSpeed folder whose files hold other objects is
+    refused (memflow_train.models.trust.UntrustedCheckpointError) unless trust_checkpoint.
 
     config: architecture (a preset name or diffusers config keys) for single files; folders
     carry their own. Without it, a file's architecture is inferred from its shapes.
@@ -370,7 +379,8 @@ def load_transformer(
     if isinstance(config, str):
         config = wan_config(config)
     if is_deepspeed_checkpoint(source):
-        model = _from_checkpoint(read_deepspeed_checkpoint(source), source, config, checkpoint_key, lora_alpha, dtype)
+        ckpt = read_deepspeed_checkpoint(source, trust_checkpoint)
+        model = _from_checkpoint(ckpt, source, config, checkpoint_key, lora_alpha, dtype)
     elif source.is_dir():
         folder = source / "transformer" if (source / "transformer" / "config.json").is_file() else source
         if not (folder / "config.json").is_file():

@@ -21,6 +21,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 from memflow_train.methods.optim import MultiNetworkAdamW, find_multi_network_optimizer
+from memflow_train.models.trust import check_folder
 
 
 class MemflowDeepSpeedStrategy(DeepSpeedStrategy):
@@ -31,6 +32,7 @@ class MemflowDeepSpeedStrategy(DeepSpeedStrategy):
         *args: Any,
         exclude_frozen_parameters: bool = True,
         logging_batch_size_per_gpu: int | str = 1,
+        trust_checkpoint: bool = False,
         **kwargs: Any,
     ) -> None:
         """Arguments as lightning.pytorch.strategies.DeepSpeedStrategy (stage, offload_optimizer, ...).
@@ -38,7 +40,10 @@ class MemflowDeepSpeedStrategy(DeepSpeedStrategy):
         exclude_frozen_parameters defaults to True here: checkpoints leave out the frozen teacher.
         logging_batch_size_per_gpu defaults to 1: it only feeds DeepSpeed's throughput log, and our
         streaming loaders have no batch sampler for Lightning to read it from.
+        trust_checkpoint: resume from checkpoint folders whose files hold objects outside the safe
+        allow-list (DeepSpeed unpickles them fully; memflow_train.models.trust). Default: refuse them.
         """
+        self.trust_checkpoint = trust_checkpoint
         super().__init__(
             *args,
             exclude_frozen_parameters=exclude_frozen_parameters,
@@ -79,7 +84,9 @@ class MemflowDeepSpeedStrategy(DeepSpeedStrategy):
         return engine, deepspeed_optimizer
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):  # noqa: ANN001 (Lightning signature)
-        """Resume from a checkpoint saved without the frozen parameters: those, and only those, may be absent."""
+        """Resume from a checkpoint saved without the frozen parameters: those, and only those, may be absent.
+        Every file of the folder is first proven safe to unpickle (DeepSpeed's loader is not guarded)."""
+        check_folder(checkpoint_path, self.trust_checkpoint)
         if not self.exclude_frozen_parameters or (self.load_full_weights and self.zero_stage_3):
             return super().load_checkpoint(checkpoint_path, weights_only)
         from lightning.fabric.strategies.deepspeed import _validate_checkpoint_directory
