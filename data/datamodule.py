@@ -12,6 +12,7 @@ from data.batch import NarrativeBatch
 from data.format import FIELD_MEMBERS, SampleSpec
 from data.reading import expand_urls
 from data.stream import ShardStream, StreamConfig, StreamLoader, StreamPosition
+from memflow_train.strategies.zero import shards_parameters
 
 Field = Literal["text", "negative", "latents", "video", "ode", "annotations"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -115,6 +116,11 @@ class ShardDataModule(L.LightningDataModule):
             max_consecutive_bad=self.max_consecutive_bad,
         )
         rank, world_size = self._rank()
+        if not train and self.trainer is not None and shards_parameters(self.trainer.strategy):
+            # Under ZeRO-3 / FSDP every forward is a collective: ranks with different validation batch
+            # counts would wait for each other forever. Every rank reads the whole validation set instead
+            # (same batches, same order); logging with sync_dist averages identical values.
+            rank, world_size = 0, 1
         epoch_batches = self.batches_per_epoch if config.resampled else None
         return StreamLoader(ShardStream(config, rank, world_size), self.num_workers, epoch_batches, self.pin_memory)
 

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import difflib
+import importlib
+import inspect
 import os
+import pickle
+import re
+import sys
+import typing
 import warnings
 from pathlib import Path
 from typing import Any
@@ -113,3 +122,81 @@ class MemflowCLI(LightningCLI):
             self.config_init["fit"]["weights_only"] = True
         self.trainer.callbacks.append(WandbRunIdCallback())
         resume_wandb_run(self.trainer, self.config["fit"].get("ckpt_path"))
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+_NOISE = ("Given value", "Expected a <class 'NoneType'>", "Subtypes:", "Does not validate against any", "Errors:")
+_USER_ERRORS = (
+    FileNotFoundError,
+    KeyError,
+    ValueError,
+    NotImplementedError,
+    FloatingPointError,
+    pickle.UnpicklingError,
+)
+
+
+def short_error(text: str) -> list[str]:
+    """The lines of a jsonargparse error that say what is wrong (no Union bookkeeping, no config dump)."""
+    out: list[str] = []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        s = line.strip().removeprefix("- ")
+        if not s or s.startswith(_NOISE) or s.startswith("Parser key"):
+            continue
+        if s.startswith("Problem with given class_path") and i + 1 < len(lines):
+            continue  # its reason follows on the next line
+        if s not in out:
+            out.append(s)
+    return out or [lines[0] if lines else text]
+
+
+def did_you_mean(model_class: str | None, text: str) -> str | None:
+    """For 'unrecognized arguments: --a.b=...' under a class_path: the closest existing key, if any."""
+    match = re.search(r"unrecognized arguments: --([\w.]+)", text)
+    if match is None or model_class is None:
+        return None
+    try:
+        module, _, name = model_class.rpartition(".")
+        target: Any = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+    path, fixed = match.group(1).split("."), []
+    for part in path:
+        if dataclasses.is_dataclass(target):
+            hints = typing.get_type_hints(target)
+            names = {f.name: hints.get(f.name) for f in dataclasses.fields(target)}
+        elif isinstance(target, type):
+            params = inspect.signature(target.__init__).parameters
+            hints = typing.get_type_hints(target.__init__)
+            names = {n: hints.get(n) for n in params if n not in ("self", "args", "kwargs")}
+        else:
+            return None
+        if part not in names:
+            close = difflib.get_close_matches(part, list(names), n=1)
+            return ".".join([*fixed, close[0]]) if close else None
+        fixed.append(part)
+        target = next((a for a in typing.get_args(names[part]) if isinstance(a, type)), names[part])
+    return None
+
+
+def run(argv: list[str] | None = None) -> None:
+    """train.py: the CLI, with configuration and data errors shown in a few lines (no traceback, no config
+    dump; MEMFLOW_TRAIN_TRACEBACK=1 shows everything)."""
+    debug = os.environ.get("MEMFLOW_TRAIN_TRACEBACK") == "1"
+    try:
+        MemflowCLI(args=argv, parser_kwargs={"exit_on_error": debug})
+    except argparse.ArgumentError as err:
+        text = str(err)
+        lines = short_error(text)
+        model = re.search(r"class_path '([\w.]+)'", text)
+        suggestion = did_you_mean(model.group(1) if model else None, text)
+        if suggestion:
+            lines.append(f"did you mean --model.init_args.{suggestion}?")
+        sys.exit("error: " + "\n  ".join(lines) + "\n(MEMFLOW_TRAIN_TRACEBACK=1 shows the full error)")
+    except _USER_ERRORS as err:
+        if debug:
+            raise
+        lines = short_error(str(err))
+        sys.exit("error: " + "\n  ".join(lines) + "\n(MEMFLOW_TRAIN_TRACEBACK=1 shows the traceback)")

@@ -270,3 +270,26 @@ def test_an_evaluation_on_cuda_gives_its_memory_back() -> None:
     assert len(shard.narratives) == 2 and scalars["subject_consistency"] is not None
     assert all(p.device.type == "cpu" for m in evaluator.models() for p in m.parameters())
     assert torch.cuda.memory_allocated(device) == before
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("count", [1, 3])
+def test_two_process_zero3_evaluation_validation_and_checkpoint_finish(tmp_path: Path, count: int) -> None:
+    """Narratives that do not split evenly over the ranks used to hang under ZeRO-3 (a rank waiting in a
+    parameter gather for its second narrative while the other waited in the all-reduce)."""
+    config = _config(tmp_path, {"every_n_steps": 2, "protocol": {"synthetic": {"count": count}}}, checkpoint=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "scripts" / "zero3_collectives.py"), str(config), str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == STEPS
+    assert ranks[0]["report_narratives"] == [f"synthetic:{i}" for i in range(count)]
+    reports = sorted((tmp_path / "logs").rglob("report.json"))
+    assert [p.parent.name for p in reports] == ["step_0000002", f"step_{STEPS:07d}"]
+    # validation: every rank saw the same batches (the whole validation set, same order)
+    assert ranks[0]["validation_batches"] == ranks[1]["validation_batches"] and ranks[0]["validation_batches"]
+    assert (tmp_path / "ckpt" / f"epoch=0-step={STEPS}.ckpt").is_dir()

@@ -9,8 +9,10 @@ It observes and never changes training: no grad, eval mode, the EMA swap undone 
 restored module by module, the global RNG state restored (its own draws come from seeded generators), the
 datamodule untouched; models it loaded go back to the CPU afterwards. Distributed: narrative i is generated
 on rank i % world_size; metric states and media are gathered after every rank has finished or failed (no
-collective inside the part that may raise), so no rank waits for one that gave up. An exception inside the
-evaluation is logged and training continues.
+collective inside the part that may raise), so no rank waits for one that gave up. Under parameter sharding
+(ZeRO-3, FSDP) every forward is itself a collective, so every rank runs every narrative's forwards in the
+same order and only measures its own (Evaluator.run_shard's lockstep). An exception inside the evaluation
+is logged and training continues.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from memflow_train.methods.specs import TextEncoderSpec, torch_dtype
 from memflow_train.models.text_encoder import WanTextEncoder
 from memflow_train.models.vae import WanVAE
 from memflow_train.rollout import StreamingGenerator
+from memflow_train.strategies.zero import shards_parameters
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,8 @@ class LongVideoEvaluation(L.Callback):
                 pipeline = self._pipeline(trainer, module)
                 info = evaluator.protocol_info(pipeline)
                 evaluator.reset()
-                shard = evaluator.run_shard(pipeline, trainer.global_rank, trainer.world_size)
+                lockstep = shards_parameters(trainer.strategy)
+                shard = evaluator.run_shard(pipeline, trainer.global_rank, trainer.world_size, lockstep)
         except Exception:
             log.exception("long-video evaluation at %s %d failed on rank %d; training continues", tag, step,
                           trainer.global_rank)  # fmt: skip

@@ -179,8 +179,17 @@ class Evaluator:
         for metric in self.metrics.values():
             metric.reset()
 
-    def run_shard(self, pipeline: StreamingVideoPipeline, rank: int = 0, world_size: int = 1) -> ShardResult:
-        """Generate and measure narratives rank, rank + world_size, ...; the metrics accumulate them."""
+    def run_shard(
+        self, pipeline: StreamingVideoPipeline, rank: int = 0, world_size: int = 1, lockstep: bool = False
+    ) -> ShardResult:
+        """Generate and measure narratives rank, rank + world_size, ...; the metrics accumulate them.
+
+        lockstep (parameter sharding: ZeRO-3, FSDP): every forward gathers parameters from every rank,
+        so every rank must run the same sequence of forwards. Then each rank also generates the other
+        ranks' narratives, undecoded and unmeasured (their owners measure them), in the same order; a
+        narrative whose measurement fails does not stop the sequence, and the first failure is raised
+        at the end.
+        """
         if pipeline.vae is None:
             raise ValueError("long-video evaluation decodes its videos: the pipeline needs a VAE")
         device = pipeline.device
@@ -189,12 +198,33 @@ class Evaluator:
         for metric in self.metrics.values():
             metric.to(device)
         result = ShardResult()
-        indices = list(range(rank, len(self.narratives), world_size))
-        # The memory-free comparison runs on the rank's last narratives, when the first ones warmed things up.
-        compare = set(indices[max(0, len(indices) - self.protocol.memory_free_narratives) :])
-        for index in indices:
-            self._one(pipeline, index, index in compare, result)
+        compare = set()  # the memory-free comparison runs on each rank's last narratives (warmed up by the first)
+        for r in range(world_size):
+            owned = list(range(r, len(self.narratives), world_size))
+            compare |= set(owned[max(0, len(owned) - self.protocol.memory_free_narratives) :])
+        if not lockstep:
+            for index in range(rank, len(self.narratives), world_size):
+                self._one(pipeline, index, index in compare, result)
+            return result
+        failure: Exception | None = None
+        for index in range(len(self.narratives)):
+            if index % world_size != rank:
+                self._shadow(pipeline, index, index in compare)
+                continue
+            try:
+                self._one(pipeline, index, index in compare, result)
+            except Exception as err:  # keep the forward sequence aligned with the other ranks
+                failure = failure or err
+        if failure is not None:
+            raise failure
         return result
+
+    def _shadow(self, pipeline: StreamingVideoPipeline, index: int, compare: bool) -> None:
+        """The forwards another rank runs for narrative `index` (lockstep): generated, not decoded or kept."""
+        narrative = self.narratives[index].for_chunks(pipeline.sampler.frames_per_chunk)
+        generate_traced(pipeline, narrative, self.protocol.seed, decode=False)
+        if compare:
+            generate_traced(pipeline, narrative, self.protocol.seed, memory=False, decode=False)
 
     def _specs(self) -> list[FeatureModelSpec]:
         p = self.protocol

@@ -27,3 +27,13 @@ def full_parameters(params: list[torch.Tensor], modify: bool = False) -> Iterato
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None):
         yield
+
+
+def shards_parameters(strategy: object) -> bool:
+    """Whether a Lightning strategy partitions parameters (DeepSpeed ZeRO-3, FSDP): then every forward is a
+    collective call, and every rank must run the same sequence of forwards (evaluation, validation)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        return bool(strategy.zero_stage_3)
+    return isinstance(strategy, FSDPStrategy | ModelParallelStrategy)

@@ -1,0 +1,39 @@
+"""Configuration errors are shown once, in a few lines, with a 'did you mean' for unknown keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from memflow_train.cli import did_you_mean, run, short_error
+
+pytestmark = pytest.mark.usefixtures("demo_cache")
+DEMO = ["fit", "--config", "configs/demo.yaml", "--trainer.max_steps=1"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--model.init_args.memroy.sma", "false"], "did you mean --model.init_args.memory?"),
+        (["--model.init_args.memory.smaa", "false"], "did you mean --model.init_args.memory.sma?"),
+        (["--model.init_args.generator_optimzer.lr", "1"], "did you mean --model.init_args.generator_optimizer?"),
+        (["--model.init_args.generator.weights", "/nonexistent.pt"], "no weights file at /nonexistent.pt"),
+        (["--model.init_args.generator_optimizer.lr", ".nan"], "optimizer.lr must be finite, got nan"),
+    ],
+)
+def test_config_errors_are_short(flags: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        run([*DEMO, *flags])
+    text = str(exit_.value.code)
+    assert message in text
+    assert len(text.splitlines()) <= 4 and "Given value" not in text and "Traceback" not in text
+
+
+def test_short_error_drops_union_bookkeeping() -> None:
+    text = (
+        'Parser key "model":\n  Does not validate against any of the Union subtypes\n  Subtypes: [A, B]\n'
+        "  Errors:\n    - Problem with given class_path 'x.Y':\n        the real reason\n"
+        "    - Expected a <class 'NoneType'>\n  Given value type: <class 'dict'>\n  Given value: {...}"
+    )
+    assert short_error(text) == ["the real reason"]
+    assert did_you_mean("memflow_train.methods.SelfForcingDMD", "unrecognized arguments: --num_frame=3") == "num_frames"
+    assert did_you_mean("memflow_train.methods.SelfForcingDMD", "unrecognized arguments: --zzzz=3") is None
