@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import logging
 import os
 import pickle
 import re
@@ -21,14 +22,22 @@ os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from memflow_train.progress import StepProgressBar
 from memflow_train.tracking import LoggedConfigCallback, WandbRunIdCallback, default_wandb_offline, resume_wandb_run
 
 # Our DMD modules step their optimizer inside training_step; a checkpoint after step N holds the
 # state after N updates, which is what resuming needs. Lightning warns about that on every save.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
+# Messages a user cannot act on: Lightning 2.6 calls a torch pytree API deprecated in torch 2.13, and
+# advertises a logging product on every run.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: "litlogger" not in record.getMessage()
+)
 
 
 # Model settings that may differ between a checkpoint and the resumed run (key prefixes).
@@ -114,6 +123,16 @@ class MemflowCLI(LightningCLI):
             )
         for key, old, new in changed:
             rank_zero_info(f"resuming with {key} = {new!r} (the checkpoint had {old!r})")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        """The step-based progress bar (memflow_train.progress) unless the config brings its own or none."""
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in [*given, *callbacks]
+        ):
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
         # A .ckpt resumes through torch.load: our checkpoints hold tensors and plain data only, so load them

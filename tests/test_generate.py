@@ -320,3 +320,11 @@ def test_prompts_that_would_never_take_effect_are_refused(models: Path, record: 
 def test_narrative_numbers_are_not_truncated(record: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         narrative_from_record(record, None, None, "n.jsonl line 1")
+
+
+def test_median_chunk_fps_ignores_the_first_chunk_and_one_slow_outlier() -> None:
+    from memflow_train.generation.pipeline import GenerationStats
+
+    stats = GenerationStats(chunk_transformer_s=[10.0, 1.0, 1.0, 100.0, 1.0], chunk_video_frames=[9, 12, 12, 12, 12])
+    assert stats.median_chunk_fps == 12.0
+    assert GenerationStats(chunk_transformer_s=[1.0], chunk_video_frames=[9]).median_chunk_fps != 12.0  # nan

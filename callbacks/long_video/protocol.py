@@ -34,7 +34,7 @@ from memflow_train.evaluation import (
     shorten,
     video_frame_segments,
 )
-from memflow_train.generation.pipeline import StreamingVideoPipeline, video_frames_for
+from memflow_train.generation.pipeline import StreamingVideoPipeline
 from memflow_train.methods.hparams import plain
 
 
@@ -245,17 +245,14 @@ class Evaluator:
             "segment_starts": item.segment_starts(chunk),
             "latent_frames": stats.latent_frames,
             "video_frames": stats.video_frames,
-            "fps": _finite(stats.steady_transformer_fps),
+            "fps": _finite(stats.median_chunk_fps),
             "transformer_seconds": stats.transformer_s,
             "chunk_starts": video.chunk_starts,
             "bank_frames": video.bank_frames,
         }
-        if compare:  # timing only, not decoded: its frames are counted with the VAE's stride here
+        if compare:  # timing only, not decoded
             free = generate_traced(pipeline, narrative, seed, memory=False, decode=False).stats
-            stride = pipeline.temporal_stride
-            timed = video_frames_for(free.latent_frames, stride) - video_frames_for(chunk, stride)
-            seconds = free.transformer_s - free.first_chunk_transformer_s
-            summary["fps_memory_free"] = _finite(timed / seconds) if seconds > 0 else None
+            summary["fps_memory_free"] = _finite(free.median_chunk_fps)
             summary["fps_memory"] = summary["fps"]
         summary["metrics"] = {k: _finite(v) for k, v in values.items() if "/segment_" not in k}
         result.narratives.append(summary)

@@ -16,6 +16,7 @@ to the VAE's temporal stride, 4 for Wan):
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -75,6 +76,8 @@ class GenerationStats:
     first_chunk_transformer_s: float = 0.0
     first_chunk_video_frames: int = 0
     prompt_chunks: list[int] = field(default_factory=list)  # prompt index of every chunk
+    chunk_transformer_s: list[float] = field(default_factory=list)  # transformer seconds of every chunk
+    chunk_video_frames: list[int] = field(default_factory=list)  # video frames of every chunk
 
     @property
     def transformer_fps(self) -> float:
@@ -87,15 +90,27 @@ class GenerationStats:
         return (self.video_frames - self.first_chunk_video_frames) / seconds if seconds > 0 else float("nan")
 
     @property
+    def median_chunk_fps(self) -> float:
+        """Median over the chunks after the first of each chunk's video frames per transformer second:
+        robust to a slow outlier chunk on a shared machine (the mean FPS of a short video is not)."""
+        rates = [f / s for f, s in zip(self.chunk_video_frames[1:], self.chunk_transformer_s[1:], strict=True) if s > 0]
+        return statistics.median(rates) if rates else float("nan")
+
+    @property
     def end_to_end_fps(self) -> float:
         return self.video_frames / self.total_s if self.total_s else float("nan")
 
     def as_dict(self) -> dict:
-        keys = [k for k in self.__dataclass_fields__ if k != "prompt_chunks"]
+        keys = [
+            k
+            for k in self.__dataclass_fields__
+            if k not in ("prompt_chunks", "chunk_transformer_s", "chunk_video_frames")
+        ]
         return {
             **{k: getattr(self, k) for k in keys},
             "transformer_fps": self.transformer_fps,
             "steady_transformer_fps": self.steady_transformer_fps,
+            "median_chunk_fps": self.median_chunk_fps,
             "end_to_end_fps": self.end_to_end_fps,
         }
 
@@ -203,6 +218,8 @@ class StreamingVideoPipeline:
             stats.latent_frames += n
             stats.chunks += 1
             stats.prompt_chunks.append(prompt)
+            stats.chunk_transformer_s.append(t1 - t0)
+            stats.chunk_video_frames.append(video)
             yield Chunk(c, first, prompt, latents, frames, t1 - t0, t2 - t1, stream)
 
     def generate(

@@ -14,6 +14,7 @@ import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers.utils import logging as hf_logging
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -56,7 +57,13 @@ class WanTextEncoder(torch.nn.Module):
             tokenizer_path = path / "tokenizer" if (path / "tokenizer").is_dir() else encoder_dir
         if not (encoder_dir / "config.json").is_file():
             raise FileNotFoundError(f"no UMT5 encoder at {path} (expected config.json or text_encoder/config.json)")
-        encoder = UMT5EncoderModel.from_pretrained(encoder_dir, torch_dtype=dtype, local_files_only=True)
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # transformers' per-load "Loading weights" bar tells a user nothing
+        try:
+            encoder = UMT5EncoderModel.from_pretrained(encoder_dir, torch_dtype=dtype, local_files_only=True)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
         return cls(encoder, tokenizer, text_len)
 
