@@ -134,6 +134,15 @@ class MemflowCLI(LightningCLI):
             callbacks = [*callbacks, StepProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
 
+    def after_fit(self) -> None:
+        """Say where this run's checkpoints are (each run has its own folder under its log directory)."""
+        for callback in self.trainer.checkpoint_callbacks:
+            folder = getattr(callback, "dirpath", None)
+            if folder and self.trainer.is_global_zero and Path(folder).is_dir():
+                last = Path(folder) / "last.ckpt"
+                resume = f"; resume with --ckpt_path {last}" if last.exists() else ""
+                print(f"checkpoints: {folder}{resume}", file=sys.stderr)
+
     def before_fit(self) -> None:
         # A .ckpt resumes through torch.load: our checkpoints hold tensors and plain data only, so load them
         # with weights_only=True (a crafted file cannot run code) unless --weights_only false is given.

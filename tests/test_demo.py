@@ -130,3 +130,32 @@ def test_resume_applies_new_optimizer_and_memory_settings_and_refuses_other_chan
     assert saved["generator_optimizer"]["lr"] == 0.002 and saved["memory"]["sma"] is False
     with pytest.raises(SystemExit, match=r"(?s)cannot change at resume.*num_frames: 12 in the checkpoint, 6 now"):
         MemflowCLI(args=[*resume, "--model.init_args.num_frames=6"])
+
+
+@pytest.mark.slow
+def test_each_run_keeps_its_checkpoints_in_its_own_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two runs of one config never share a checkpoint folder (no last-v1.ckpt beside another run's last.ckpt)."""
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    config["trainer"].update(default_root_dir=str(tmp_path), enable_model_summary=False)
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for _ in range(2):
+        MemflowCLI(args=["fit", "--config", str(path), "--trainer.max_steps=2"])
+    folders = sorted(p.parent for p in tmp_path.rglob("last.ckpt"))
+    assert [f.relative_to(tmp_path).as_posix() for f in folders] == [
+        "logs/version_0/checkpoints",
+        "logs/version_1/checkpoints",
+    ]
+    assert not list(tmp_path.rglob("last-v*.ckpt"))
+    assert f"resume with --ckpt_path {folders[1]}/last.ckpt" in capsys.readouterr().err
+
+
+def test_readme_commands_write_under_outputs() -> None:
+    """The README's example commands leave nothing in the repository root (outputs/ is ignored)."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    targets = re.findall(r"--(?:output|out) (\S+)", readme) + re.findall(r"export CHECKPOINT (\S+)", readme)
+    assert targets and all(t.startswith("outputs/") for t in targets), targets
+    assert "outputs/" in (REPO / ".gitignore").read_text()
