@@ -66,7 +66,7 @@ def checkpoint_run_id(path: str | Path) -> str | None:
         path = files[0]
     if not path.is_file():
         return None
-    return safe_load(path, mmap=True).get(RUN_ID_KEY)
+    return safe_load(path, mmap=True, deepspeed=path.name.endswith("model_states.pt")).get(RUN_ID_KEY)
 
 
 def resume_wandb_run(trainer: Trainer, ckpt_path: str | Path | None) -> None:

@@ -69,7 +69,7 @@ def test_the_deepspeed_allow_list_loads_their_data_classes(tmp_path: Path) -> No
 
     path = tmp_path / "optim_states.pt"
     torch.save({"optimizer_state_dict": {"zero_stage": ZeroStageEnum.gradients, "loss_scaler": LossScaler(1.0)}}, path)
-    state = safe_load(path)["optimizer_state_dict"]
+    state = safe_load(path, deepspeed=True)["optimizer_state_dict"]
     assert state["zero_stage"] == ZeroStageEnum.gradients and state["loss_scaler"].cur_scale == 1.0
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)  # without the allow-list, torch refuses them

@@ -45,10 +45,11 @@ def _allowed() -> list[Any]:
     return out
 
 
-def safe_load(path: str | Path, mmap: bool = False) -> Any:
-    """torch.load with weights_only=True and the DeepSpeed allow-list; UntrustedCheckpointError otherwise."""
+def safe_load(path: str | Path, mmap: bool = False, deepspeed: bool = False) -> Any:
+    """torch.load with weights_only=True (and, for files DeepSpeed wrote, its allow-list: importing
+    DeepSpeed only then); UntrustedCheckpointError otherwise."""
     try:
-        with torch.serialization.safe_globals(_allowed()):
+        with torch.serialization.safe_globals(_allowed() if deepspeed else []):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise UntrustedCheckpointError(
@@ -66,7 +67,7 @@ def check_folder(folder: str | Path, trust: bool = False) -> None:
     """
     for path in sorted(Path(folder).rglob("*.pt")):
         try:
-            safe_load(path, mmap=True)
+            safe_load(path, mmap=True, deepspeed=True)
         except UntrustedCheckpointError as err:
             if not trust:
                 raise
@@ -76,7 +77,7 @@ def check_folder(folder: str | Path, trust: bool = False) -> None:
 def load_client_state(path: str | Path, trust: bool = False) -> Any:
     """A checkpoint file's contents: safely, or (trust=True) as a full pickle after a warning."""
     try:
-        return safe_load(path)
+        return safe_load(path, deepspeed=True)
     except UntrustedCheckpointError as err:
         if not trust:
             raise
