@@ -54,3 +54,10 @@ def test_started_ema_is_what_the_default_and_the_explicit_request_load(tmp_path:
     explicit = load_trained_network(path, "generator", ema=True)
     live = load_trained_network(path, "generator", ema=False)
     assert _same(default, explicit) and not _same(default, live)
+
+
+def test_export_help_names_the_command(capsys) -> None:  # noqa: ANN001
+    with pytest.raises(SystemExit):
+        export_main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m memflow_train.export") and "--trust-checkpoint" in out and "--ema" in out
