@@ -159,3 +159,19 @@ def test_readme_commands_write_under_outputs() -> None:
     targets = re.findall(r"--(?:output|out) (\S+)", readme) + re.findall(r"export CHECKPOINT (\S+)", readme)
     assert targets and all(t.startswith("outputs/") for t in targets), targets
     assert "outputs/" in (REPO / ".gitignore").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_prints_no_warning_a_user_cannot_act_on(tmp_path: Path) -> None:
+    """Lightning's pytree deprecation, its litlogger tip and DeepSpeed's accelerator notice are not shown."""
+    config = _variant("demo.yaml", tmp_path, checkpoint_every=None)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), "--trainer.max_steps=2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    for noise in ("LeafSpec", "litlogger", "Setting accelerator to CPU", "Epoch 0/-2"):
+        assert noise not in output, noise
+    assert "step 2/2 (100%)" in output

@@ -193,7 +193,7 @@ def test_peak_memory_does_not_grow_with_length(models: Path, tmp_path: Path, mem
 # ----------------------------------------------------------------------------------- the command
 
 
-def test_command_writes_the_video(models: Path, tmp_path: Path) -> None:
+def test_command_writes_the_video(models: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     narratives = tmp_path / "story.jsonl"
     narratives.write_text(
         json.dumps({"prompts": ["a red ball", "a blue cube", "a green star"], "switch_frames": [6, 12]})
@@ -212,6 +212,7 @@ def test_command_writes_the_video(models: Path, tmp_path: Path) -> None:
     assert info["prompt_start_latent_frames"] == [0, 6, 12]
     assert info["prompt_start_video_frames"] == [0, 21, 45]  # latent frame f starts at video frame 4f - 3
     assert info["memory"]["sma"] and info["memory"]["bank_size"] == 2  # demo.yaml's memory
+    assert "Loading weights" not in capfd.readouterr().err  # transformers' per-load bar is not shown
 
 
 def test_command_checkpoint_and_memory_flags(models: Path, tmp_path: Path) -> None:
