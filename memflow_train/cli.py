@@ -33,7 +33,7 @@ from memflow_train.tracking import LoggedConfigCallback, WandbRunIdCallback, def
 # state after N updates, which is what resuming needs. Lightning warns about that on every save.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 # Messages a user cannot act on: Lightning 2.6 calls a torch pytree API deprecated in torch 2.13, and
-# advertises a logging product on every run.
+# advertises its cloud products ("💡 Tip: ... litlogger / litmodels") on every run.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: "litlogger" not in record.getMessage()
@@ -148,6 +148,9 @@ class MemflowCLI(LightningCLI):
         # with weights_only=True (a crafted file cannot run code) unless --weights_only false is given.
         if self.config_init["fit"].get("weights_only") is None:
             self.config_init["fit"]["weights_only"] = True
+        connector = getattr(self.trainer, "_callback_connector", None)
+        if connector is not None and hasattr(connector, "_pending_litmodels_tip"):
+            connector._pending_litmodels_tip = False  # the litmodels advert for Lightning's default checkpoint
         self.trainer.callbacks.append(WandbRunIdCallback())
         resume_wandb_run(self.trainer, self.config["fit"].get("ckpt_path"))
 

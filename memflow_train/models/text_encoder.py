@@ -101,7 +101,13 @@ class WanTextEncoder(torch.nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write text_encoder/ and tokenizer/ under path (the layout from_pretrained reads)."""
-        self.encoder.save_pretrained(Path(path) / "text_encoder")
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar for a few MB
+        try:
+            self.encoder.save_pretrained(Path(path) / "text_encoder")
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
         self.tokenizer.save_pretrained(Path(path) / "tokenizer")
 
     @torch.no_grad()
