@@ -20,12 +20,13 @@ from typing import Any
 # Lightning 2.6 calls a jsonargparse API deprecated in 4.49; users cannot act on that warning.
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
-import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from memflow_train.models.loading import deepspeed_client_state, is_deepspeed_checkpoint
+from memflow_train.models.trust import safe_load
 from memflow_train.progress import StepProgressBar
 from memflow_train.tracking import LoggedConfigCallback, WandbRunIdCallback, default_wandb_offline, resume_wandb_run
 
@@ -33,7 +34,7 @@ from memflow_train.tracking import LoggedConfigCallback, WandbRunIdCallback, def
 # state after N updates, which is what resuming needs. Lightning warns about that on every save.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 # Messages a user cannot act on: Lightning 2.6 calls a torch pytree API deprecated in torch 2.13, and
-# advertises its cloud products ("💡 Tip: ... litlogger / litmodels") on every run.
+# advertises its cloud products on every run (litlogger here; litmodels in before_fit).
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: "litlogger" not in record.getMessage()
@@ -105,9 +106,12 @@ class MemflowCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         model = self.config[subcommand].get("model") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file() or not getattr(model, "class_path", None):
+        if not ckpt_path or not Path(ckpt_path).exists() or not getattr(model, "class_path", None):
             return super()._parse_ckpt_path()
-        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters") or {}
+        if is_deepspeed_checkpoint(Path(ckpt_path)):  # Lightning reads no hyperparameters from these
+            saved = deepspeed_client_state(ckpt_path).get("hyper_parameters") or {}
+        else:
+            saved = safe_load(ckpt_path, mmap=True).get("hyper_parameters") or {}
         saved = {k: v for k, v in saved.items() if k != "_instantiator"}
         saved_class = saved.pop("_class_path", None)
         changed = _differences(_plain(saved), _plain(model.get("init_args")))

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from memflow_train.cli import MemflowCLI
 from memflow_train.export import export
 from memflow_train.models.loading import load_transformer
 from tests.wan_helpers import tiny_inputs
@@ -89,6 +90,10 @@ def test_two_ranks_train_like_one_process(mode: str, single: Path, batches: Path
     state = model.state_dict()
     for key, value in ranks["generator_ema"].items():
         assert torch.equal(state[key], value), key
+    # A DeepSpeed folder given to --ckpt_path is checked against the config like a .ckpt file.
+    with pytest.raises(SystemExit, match=r"(?s)cannot change at resume.*num_frames: \d+ in the checkpoint, 9 now"):
+        MemflowCLI(args=["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--ckpt_path", str(ckpt),
+                         "--model.init_args.num_frames=9", "--trainer.max_steps=0"])  # fmt: skip
     live = load_transformer(ckpt, checkpoint_key="generator")
     x, t, text = tiny_inputs(frames=3)
     reference_model = load_transformer(exported)

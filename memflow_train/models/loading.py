@@ -164,6 +164,19 @@ def is_deepspeed_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / "latest").is_file()
 
 
+def deepspeed_client_state(path: str | Path, trust: bool = False) -> dict[str, Any]:
+    """The Lightning client state (hyperparameters, EMA, loops, ...) rank 0 saved in a DeepSpeed folder. The
+    rank-0 model-states file's name tells the ZeRO stage: no optimizer-state file is read for it."""
+    from lightning.pytorch.utilities.deepspeed import ds_checkpoint_dir
+
+    folder = Path(ds_checkpoint_dir(str(path)))
+    names = ("zero_pp_rank_0_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt")
+    client_file = next((folder / n for n in names if (folder / n).is_file()), None)
+    if client_file is None:
+        raise FileNotFoundError(f"{folder} has no rank-0 model-states file: not a DeepSpeed checkpoint")
+    return load_client_state(client_file, trust)
+
+
 def read_deepspeed_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
     """Consolidate a (ZeRO-sharded) DeepSpeed checkpoint directory into one Lightning-style dict.
 
@@ -173,21 +186,11 @@ def read_deepspeed_checkpoint(path: str | Path, trust: bool = False) -> dict[str
     (memflow_train.models.trust); UntrustedCheckpointError unless trust.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from lightning.pytorch.utilities.deepspeed import ds_checkpoint_dir
 
     path = Path(path)
     check_folder(path, trust)
     state = get_fp32_state_dict_from_zero_checkpoint(str(path))
-    folder = Path(ds_checkpoint_dir(str(path)))
-    # rank 0's model-states file: its name tells the ZeRO stage (no optimizer-state file is read for it)
-    client_file = next(
-        (f for f in (folder / "zero_pp_rank_0_mp_rank_00_model_states.pt", folder / "mp_rank_00_model_states.pt")
-         if f.is_file()),
-        None,
-    )  # fmt: skip
-    if client_file is None:
-        raise FileNotFoundError(f"{folder} has no rank-0 model-states file: not a DeepSpeed checkpoint")
-    client = load_client_state(client_file, trust)
+    client = deepspeed_client_state(path, trust)
     engine_keys = {"module", "optimizer", "lr_scheduler", "csr_tensor_module_names", "skipped_steps", "global_steps",
                    "dp_world_size", "mp_world_size", "buffer_names", "param_shapes", "frozen_param_shapes",
                    "shared_params", "frozen_param_fragments", "ds_config", "ds_version"}  # fmt: skip
