@@ -30,6 +30,7 @@ from jsonargparse import ArgumentParser, DefaultHelpFormatter
 from callbacks.long_video.protocol import EvalProtocol, Evaluator
 from callbacks.long_video.report import assemble, write_report
 from data.synthetic.demo import DemoSpec, demo_dataset
+from memflow_train.errors import run_command
 from memflow_train.generation.build import (
     Recipe,
     load_generator,
@@ -113,4 +114,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -77,13 +77,11 @@ class ShardSink:
                     k for k in {*saved["options"], *self.options} if saved["options"].get(k) != self.options.get(k)
                 )
                 what = (
-                    "the source changed since it was written"
+                    "the source changed since this progress file was written"
                     if changed == ["source_digest"]
-                    else f"a run with other options ({', '.join(changed)})"
+                    else f"this progress file records a run with other options ({', '.join(changed)})"
                 )
-                raise ValueError(
-                    f"{self.progress_path} records {what}: write elsewhere, or pass --overwrite to start again"
-                )
+                raise ValueError(f"{self.progress_path}: {what}: write elsewhere, or pass --overwrite to start again")
             self.state = saved
         self._writer: wds.TarWriter | None = None
         self._shard: dict[str, Any] | None = None

@@ -9,7 +9,6 @@ import importlib
 import inspect
 import logging
 import os
-import pickle
 import re
 import sys
 import typing
@@ -25,6 +24,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from memflow_train.errors import USER_ERRORS, message, one_line_warning
 from memflow_train.models.loading import deepspeed_client_state, is_deepspeed_checkpoint
 from memflow_train.models.trust import safe_load
 from memflow_train.progress import StepProgressBar
@@ -162,14 +162,6 @@ class MemflowCLI(LightningCLI):
 # ------------------------------------------------------------------------------------------ errors
 
 _NOISE = ("Given value", "Expected a <class 'NoneType'>", "Subtypes:", "Does not validate against any", "Errors:")
-_USER_ERRORS = (
-    FileNotFoundError,
-    KeyError,
-    ValueError,
-    NotImplementedError,
-    FloatingPointError,
-    pickle.UnpicklingError,
-)
 
 
 def short_error(text: str) -> list[str]:
@@ -188,17 +180,29 @@ def short_error(text: str) -> list[str]:
 
 
 def did_you_mean(model_class: str | None, text: str) -> str | None:
-    """For 'unrecognized arguments: --a.b=...' under a class_path: the closest existing key, if any."""
+    """For 'unrecognized arguments: --a.b=...' (under a model class_path, or a trainer key): the closest
+    existing key, the rest of the given path kept, if any."""
     match = re.search(r"unrecognized arguments: --([\w.]+)", text)
-    if match is None or model_class is None:
+    if match is None:
         return None
-    try:
-        module, _, name = model_class.rpartition(".")
-        target: Any = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
+    path = match.group(1).split(".")
+    prefix: list[str] = []
+    if path[0] == "trainer":
+        from lightning.pytorch import Trainer
+
+        target: Any = Trainer
+        prefix, path = ["trainer"], path[1:]
+    elif model_class is not None:
+        try:
+            module, _, name = model_class.rpartition(".")
+            target = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return None
+        prefix = ["model", "init_args"]
+    else:
         return None
-    path, fixed = match.group(1).split("."), []
-    for part in path:
+    fixed: list[str] = []
+    for i, part in enumerate(path):
         if dataclasses.is_dataclass(target):
             hints = typing.get_type_hints(target)
             names = {f.name: hints.get(f.name) for f in dataclasses.fields(target)}
@@ -210,7 +214,7 @@ def did_you_mean(model_class: str | None, text: str) -> str | None:
             return None
         if part not in names:
             close = difflib.get_close_matches(part, list(names), n=1)
-            return ".".join([*fixed, close[0]]) if close else None
+            return ".".join([*prefix, *fixed, close[0], *path[i + 1 :]]) if close else None
         fixed.append(part)
         target = next((a for a in typing.get_args(names[part]) if isinstance(a, type)), names[part])
     return None
@@ -220,6 +224,8 @@ def run(argv: list[str] | None = None) -> None:
     """train.py: the CLI, with configuration and data errors shown in a few lines (no traceback, no config
     dump; MEMFLOW_TRAIN_TRACEBACK=1 shows everything)."""
     debug = os.environ.get("MEMFLOW_TRAIN_TRACEBACK") == "1"
+    if not debug:
+        warnings.formatwarning = one_line_warning
     try:
         MemflowCLI(args=argv, parser_kwargs={"exit_on_error": debug})
     except argparse.ArgumentError as err:
@@ -228,10 +234,10 @@ def run(argv: list[str] | None = None) -> None:
         model = re.search(r"class_path '([\w.]+)'", text)
         suggestion = did_you_mean(model.group(1) if model else None, text)
         if suggestion:
-            lines.append(f"did you mean --model.init_args.{suggestion}?")
+            lines.append(f"did you mean --{suggestion}?")
         sys.exit("error: " + "\n  ".join(lines) + "\n(MEMFLOW_TRAIN_TRACEBACK=1 shows the full error)")
-    except _USER_ERRORS as err:
+    except USER_ERRORS as err:
         if debug:
             raise
-        lines = short_error(str(err))
+        lines = short_error(message(err))
         sys.exit("error: " + "\n  ".join(lines) + "\n(MEMFLOW_TRAIN_TRACEBACK=1 shows the traceback)")

@@ -1,8 +1,10 @@
 """Export a trained network for inference: python -m memflow_train.export CHECKPOINT OUTPUT.
 
 CHECKPOINT is a memflow-train checkpoint: a Lightning .ckpt file or the directory DeepSpeed writes
-(its ZeRO shards are consolidated). The network (default: the generator, with its EMA weights when
-the run kept them; a warning when its EMA had not started, an error with --ema) gets its frozen weights back from the recorded spec and its LoRA adapters merged.
+(its ZeRO shards are consolidated). The network (default: the one the run trained, the generator of
+the DMD methods) is taken with its EMA weights when the run kept them (a warning when its EMA had not
+started yet, an error with --ema), gets its frozen weights back from the recorded spec and its LoRA
+adapters merged.
 OUTPUT is a diffusers folder (config.json + safetensors: loads with load_transformer, our configs'
 `weights:`, and diffusers' WanTransformer3DModel.from_pretrained) or one .safetensors file carrying
 its architecture in the metadata.
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from memflow_train.errors import run_command
 from memflow_train.methods.checkpoints import load_trained_network
 from memflow_train.methods.specs import torch_dtype
 from memflow_train.models.causal_wan import CausalWanTransformer
@@ -70,4 +73,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

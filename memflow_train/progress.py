@@ -32,8 +32,8 @@ class StepProgressBar(ProgressBar):
         self.tty = sys.stderr.isatty() if tty is None else tty
         self._enabled = True
         self._bar: tqdm | None = None
-        self._start: tuple[float, int] = (0.0, 0)
-        self._last_line = 0.0
+        self._start: tuple[float, int] = (0.0, 0)  # (time, step) when training started
+        self._mark: tuple[float, int] = (0.0, 0)  # (time, step) of the last plain line
 
     def disable(self) -> None:
         self._enabled = False
@@ -53,10 +53,12 @@ class StepProgressBar(ProgressBar):
         metrics.pop("v_num", None)
         return " ".join(f"{k} {_short(v)}" for k, v in metrics.items() if isinstance(v, int | float))
 
-    def line(self, trainer: L.Trainer, module: L.LightningModule) -> str:
-        """One plain progress line: step, percent, rate, ETA, losses."""
+    def line(self, trainer: L.Trainer, module: L.LightningModule, since: tuple[float, int] | None = None) -> str:
+        """One plain progress line: step, percent, rate, ETA, losses. The rate (and the ETA from it) is over
+        the steps since `since` (time, step), default the start of this run: the first steps (data
+        building, warm-up) do not inflate every later ETA."""
         step, total = trainer.global_step, self._total(trainer)
-        t0, s0 = self._start
+        t0, s0 = since if since is not None else self._start
         rate = (step - s0) / max(time.perf_counter() - t0, 1e-9)
         parts = [f"step {step}" + (f"/{total} ({100 * step / total:.0f}%)" if total else "")]
         parts.append(f"{rate:.2f} steps/s")
@@ -68,8 +70,7 @@ class StepProgressBar(ProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._enabled or not trainer.is_global_zero:
             return
-        self._start = (time.perf_counter(), trainer.global_step)
-        self._last_line = time.perf_counter()
+        self._start = self._mark = (time.perf_counter(), trainer.global_step)
         if self.tty:
             self._bar = tqdm(
                 total=self._total(trainer), initial=trainer.global_step, unit="step", desc="train",
@@ -84,9 +85,9 @@ class StepProgressBar(ProgressBar):
         if self._bar is not None:
             self._bar.update(trainer.global_step - self._bar.n)
             self._bar.set_postfix_str(self._postfix(trainer, pl_module), refresh=False)
-        elif time.perf_counter() - self._last_line >= self.interval:
-            self._last_line = time.perf_counter()
-            print(self.line(trainer, pl_module), file=sys.stderr, flush=True)
+        elif time.perf_counter() - self._mark[0] >= self.interval:
+            print(self.line(trainer, pl_module, since=self._mark), file=sys.stderr, flush=True)
+            self._mark = (time.perf_counter(), trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._enabled or not trainer.is_global_zero:

@@ -13,9 +13,10 @@ DEMO = ["fit", "--config", "configs/demo.yaml", "--trainer.max_steps=1"]
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--model.init_args.memroy.sma", "false"], "did you mean --model.init_args.memory?"),
+        (["--model.init_args.memroy.sma", "false"], "did you mean --model.init_args.memory.sma?"),
+        (["--trainer.max_stpes", "3"], "did you mean --trainer.max_steps?"),
         (["--model.init_args.memory.smaa", "false"], "did you mean --model.init_args.memory.sma?"),
-        (["--model.init_args.generator_optimzer.lr", "1"], "did you mean --model.init_args.generator_optimizer?"),
+        (["--model.init_args.generator_optimzer.lr", "1"], "did you mean --model.init_args.generator_optimizer.lr?"),
         (["--model.init_args.generator.weights", "/nonexistent.pt"], "no weights file at /nonexistent.pt"),
         (["--model.init_args.generator_optimizer.lr", ".nan"], "optimizer.lr must be finite, got nan"),
     ],
@@ -35,5 +36,8 @@ def test_short_error_drops_union_bookkeeping() -> None:
         "    - Expected a <class 'NoneType'>\n  Given value type: <class 'dict'>\n  Given value: {...}"
     )
     assert short_error(text) == ["the real reason"]
-    assert did_you_mean("memflow_train.methods.SelfForcingDMD", "unrecognized arguments: --num_frame=3") == "num_frames"
+    assert (
+        did_you_mean("memflow_train.methods.SelfForcingDMD", "unrecognized arguments: --num_frame=3")
+        == "model.init_args.num_frames"
+    )
     assert did_you_mean("memflow_train.methods.SelfForcingDMD", "unrecognized arguments: --zzzz=3") is None

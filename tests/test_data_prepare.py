@@ -285,7 +285,7 @@ def test_an_empty_source_is_an_error_and_a_changed_source_is_not_resumed(tmp_pat
     prompts.write_text("a\nb\n")
     main(["prompts", str(prompts), *out])
     prompts.write_text("a\nb\nc\n")  # appended after the run finished
-    with pytest.raises(ValueError, match="the source changed since it was written"):
+    with pytest.raises(ValueError, match="the source changed since this progress file was written"):
         main(["prompts", str(prompts), *out])
     urls = main(["prompts", str(prompts), *out, "--overwrite"])
     assert [s.prompts for s in read_all(urls, ())] == [["a"], ["b"], ["c"]]

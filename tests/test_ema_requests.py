@@ -35,7 +35,7 @@ def test_ema_before_its_start_is_refused_when_asked_for_and_warned_about_by_defa
         lambda: load_transformer(path, checkpoint_key="generator_ema"),
         lambda: BackboneSpec(weights=str(path), checkpoint_key="generator_ema").build(),
     ):
-        with pytest.raises(KeyError, match=r"no generator_ema weights \(EMA starts at update 100"):
+        with pytest.raises(KeyError, match=r"no generator_ema weights \(EMA starts at step 100"):
             ask()
     with pytest.warns(NoEmaWeightsWarning, match="using the live generator weights"):
         default = load_trained_network(path)

@@ -12,6 +12,7 @@ import torch
 from data.prepare import sources
 from data.prepare.core import Encoders, prepare
 from data.writer import ShardSink, parse_size
+from memflow_train.errors import run_command
 from memflow_train.models.text_encoder import WanTextEncoder
 from memflow_train.models.vae import WanVAE
 
@@ -182,4 +183,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_command(main, sys.argv[1:])

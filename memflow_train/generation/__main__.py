@@ -1,3 +1,4 @@
+from memflow_train.errors import run_command
 from memflow_train.generation.cli import main
 
-main()
+run_command(main)

@@ -127,10 +127,13 @@ def lightning_network(ckpt: dict[str, Any], net: str, ema: bool | None) -> tuple
         why = (
             "EMA was off in this run"
             if ema_state is None
-            else f"EMA starts at update {ema_state.get('start_update')}, the checkpoint is at step {ckpt.get('global_step')}"
+            else f"EMA starts at step {ema_state.get('start_update')}, the checkpoint is at step {ckpt.get('global_step')}"
         )
         if ema:
-            raise KeyError(f"checkpoint has no {net}_ema weights ({why}); ask for the live weights ({net!r}) instead")
+            raise KeyError(
+                f"checkpoint has no {net}_ema weights ({why}); use the live weights instead "
+                f"(export --live-weights, checkpoint_key / --checkpoint-key {net})"
+            )
         warnings.warn(
             f"checkpoint has no {net}_ema weights ({why}): using the live {net} weights",
             NoEmaWeightsWarning,

@@ -1,0 +1,40 @@
+"""How the commands report what a user got wrong: one short `error:` line, no traceback.
+
+Every command's entry point runs through `run_command`: errors a user can fix (bad settings, missing or
+unsafe files, data that cannot be used) print their message and exit 1; MEMFLOW_TRAIN_TRACEBACK=1 shows
+the traceback. Warnings print as one line, `CategoryName: message`, without the source line.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+USER_ERRORS = (FileNotFoundError, KeyError, ValueError, NotImplementedError, FloatingPointError, pickle.UnpicklingError)
+HINT = "(MEMFLOW_TRAIN_TRACEBACK=1 shows the traceback)"
+
+
+def message(err: BaseException) -> str:
+    """The error's own text (a KeyError's str() is the repr of its argument)."""
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+def one_line_warning(msg: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+    return f"{category.__name__}: {msg}\n"
+
+
+def run_command(main: Callable[..., Any], argv: list[str] | None = None) -> Any:
+    """main(argv) with user errors reported in a few lines (exit 1) and one-line warnings."""
+    debug = os.environ.get("MEMFLOW_TRAIN_TRACEBACK") == "1"
+    if not debug:
+        warnings.formatwarning = one_line_warning
+    try:
+        return main(argv)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        sys.exit(f"error: {message(err)}\n{HINT}")
