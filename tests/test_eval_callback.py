@@ -212,16 +212,20 @@ def test_validate_runs_the_evaluation_once_at_the_end(tmp_path: Path) -> None:
     assert _evaluation(cli).last_report["source"]["weights"] == "live"  # no EMA update has happened yet
 
 
+def _two_ranks(script: str, config: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Run a 2-process script of tests/scripts (it launches rank 1 itself) with a timeout; each rank's JSON."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "scripts" / script), str(config), str(tmp_path)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result, [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
 @pytest.mark.distributed
 def test_two_process_ddp_splits_generation_and_survives_a_rank_that_fails(tmp_path: Path) -> None:
     config = _config(tmp_path, {"every_n_steps": 2, "protocol": {"synthetic": {"count": 3}}})
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "scripts" / "eval_ddp.py"), str(config), str(tmp_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    result, ranks = _two_ranks("eval_ddp.py", config, tmp_path)
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == STEPS
     assert ranks[1]["injected_failures"] == 1 and "injected failure" in result.stderr
     # Step 2 failed on rank 1 only: no rank logged it. Step 4: narratives 0, 2 from rank 0 and 1 from rank 1.
@@ -279,13 +283,7 @@ def test_two_process_zero3_evaluation_validation_and_checkpoint_finish(tmp_path:
     """Narratives that do not split evenly over the ranks used to hang under ZeRO-3 (a rank waiting in a
     parameter gather for its second narrative while the other waited in the all-reduce)."""
     config = _config(tmp_path, {"every_n_steps": 2, "protocol": {"synthetic": {"count": count}}}, checkpoint=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "scripts" / "zero3_collectives.py"), str(config), str(tmp_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    _, ranks = _two_ranks("zero3_collectives.py", config, tmp_path)
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == STEPS
     assert ranks[0]["report_narratives"] == [f"synthetic:{i}" for i in range(count)]
     reports = sorted((tmp_path / "logs").rglob("report.json"))
