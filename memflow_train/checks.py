@@ -1,13 +1,11 @@
 """Validation of user-given settings: a value the program cannot honour exactly is refused, named.
 
 Every numeric setting goes through `number` (floats: finite, in range) or `whole` (integers: no
-silent truncation of 2.7 or of a bool); `finite_fields` checks every float of a spec dataclass,
-inside tuples too, so NaN and inf from YAML (`.nan`, `.inf`) never reach training.
+silent truncation of 2.7 or of a bool), so NaN and inf from YAML (`.nan`, `.inf`) never reach training.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -56,13 +54,3 @@ def number_range(name: str, pair: Any, *, low: float, high: float) -> tuple[floa
     if not a < b:
         raise ValueError(f"{name} must satisfy {low} <= low < high <= {high}, got {list(pair)}")
     return a, b
-
-
-def finite_fields(spec: Any, prefix: str) -> None:
-    """Refuse NaN / inf in any float field of a dataclass (tuples included), naming prefix.field."""
-    for f in dataclasses.fields(spec):
-        value = getattr(spec, f.name)
-        items = value if isinstance(value, tuple | list) else (value,)
-        for v in items:
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f"{prefix}.{f.name} must be finite, got {value}")

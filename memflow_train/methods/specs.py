@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from memflow_train.checks import finite_fields, number, whole
+from memflow_train.checks import number, whole
 from memflow_train.models.causal_wan import CausalWanTransformer, cast_keeping_fp32
 from memflow_train.models.loading import load_transformer
 from memflow_train.models.presets import wan_config
@@ -149,7 +149,6 @@ class OptimizerSpec:
     warmup_updates: int = 0
 
     def __post_init__(self) -> None:
-        finite_fields(self, "optimizer")
         number("optimizer.lr", self.lr, low=0, low_open=True)
         if len(self.betas) != 2:
             raise ValueError(f"optimizer.betas must be two numbers, got {self.betas}")

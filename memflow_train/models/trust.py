@@ -11,6 +11,7 @@ the commands, trust_checkpoint in YAML).
 
 from __future__ import annotations
 
+import functools
 import pickle
 import warnings
 from pathlib import Path
@@ -32,7 +33,8 @@ class UntrustedCheckpointError(pickle.UnpicklingError):
     """A checkpoint file holds objects outside the allow-list: loading it could run code."""
 
 
-def _allowed() -> list[Any]:
+@functools.cache
+def _allowed() -> tuple[Any, ...]:
     import importlib
 
     out = []
@@ -42,14 +44,14 @@ def _allowed() -> list[Any]:
             out.append(getattr(importlib.import_module(module), attr))
         except (ImportError, AttributeError):  # another DeepSpeed version: that class is not needed
             continue
-    return out
+    return tuple(out)
 
 
 def safe_load(path: str | Path, mmap: bool = False, deepspeed: bool = False) -> Any:
     """torch.load with weights_only=True (and, for files DeepSpeed wrote, its allow-list: importing
     DeepSpeed only then); UntrustedCheckpointError otherwise."""
     try:
-        with torch.serialization.safe_globals(_allowed() if deepspeed else []):
+        with torch.serialization.safe_globals(list(_allowed()) if deepspeed else []):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise UntrustedCheckpointError(
