@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from memflow_train.errors import USER_ERRORS, message, one_line_warning
+from memflow_train.errors import run_command
 from memflow_train.models.loading import deepspeed_client_state, is_deepspeed_checkpoint
 from memflow_train.models.trust import safe_load
 from memflow_train.progress import StepProgressBar
@@ -161,23 +161,6 @@ class MemflowCLI(LightningCLI):
 
 # ------------------------------------------------------------------------------------------ errors
 
-_NOISE = ("Given value", "Expected a <class 'NoneType'>", "Subtypes:", "Does not validate against any", "Errors:")
-
-
-def short_error(text: str) -> list[str]:
-    """The lines of a jsonargparse error that say what is wrong (no Union bookkeeping, no config dump)."""
-    out: list[str] = []
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        s = line.strip().removeprefix("- ")
-        if not s or s.startswith(_NOISE) or s.startswith("Parser key"):
-            continue
-        if s.startswith("Problem with given class_path") and i + 1 < len(lines):
-            continue  # its reason follows on the next line
-        if s not in out:
-            out.append(s)
-    return out or [lines[0] if lines else text]
-
 
 def did_you_mean(model_class: str | None, text: str) -> str | None:
     """For 'unrecognized arguments: --a.b=...' (under a model class_path, or a trainer key): the closest
@@ -220,24 +203,18 @@ def did_you_mean(model_class: str | None, text: str) -> str | None:
     return None
 
 
-def run(argv: list[str] | None = None) -> None:
-    """train.py: the CLI, with configuration and data errors shown in a few lines (no traceback, no config
-    dump; MEMFLOW_TRAIN_TRACEBACK=1 shows everything)."""
+def _cli(argv: list[str] | None) -> None:
     debug = os.environ.get("MEMFLOW_TRAIN_TRACEBACK") == "1"
-    if not debug:
-        warnings.formatwarning = one_line_warning
     try:
         MemflowCLI(args=argv, parser_kwargs={"exit_on_error": debug})
-    except argparse.ArgumentError as err:
+    except argparse.ArgumentError as err:  # a parse error: reported like the others, with a suggestion
         text = str(err)
-        lines = short_error(text)
         model = re.search(r"class_path '([\w.]+)'", text)
         suggestion = did_you_mean(model.group(1) if model else None, text)
-        if suggestion:
-            lines.append(f"did you mean --{suggestion}?")
-        sys.exit("error: " + "\n  ".join(lines) + "\n(MEMFLOW_TRAIN_TRACEBACK=1 shows the full error)")
-    except USER_ERRORS as err:
-        if debug:
-            raise
-        lines = short_error(message(err))
-        sys.exit("error: " + "\n  ".join(lines) + "\n(MEMFLOW_TRAIN_TRACEBACK=1 shows the traceback)")
+        raise ValueError(text + (f"\ndid you mean --{suggestion}?" if suggestion else "")) from None
+
+
+def run(argv: list[str] | None = None) -> None:
+    """train.py: the CLI, with configuration and data errors shown in a few lines (no traceback, no config
+    dump; memflow_train.errors.run_command)."""
+    run_command(_cli, argv)

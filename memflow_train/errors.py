@@ -18,9 +18,29 @@ USER_ERRORS = (FileNotFoundError, KeyError, ValueError, NotImplementedError, Flo
 HINT = "(MEMFLOW_TRAIN_TRACEBACK=1 shows the traceback)"
 
 
+_NOISE = ("Given value", "Expected a <class 'NoneType'>", "Subtypes:", "Does not validate against any", "Errors:")
+
+
+def short_error(text: str) -> list[str]:
+    """The lines of a jsonargparse error that say what is wrong (no Union bookkeeping, no config dump)."""
+    out: list[str] = []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        s = line.strip().removeprefix("- ")
+        if not s or s.startswith(_NOISE) or s.startswith("Parser key"):
+            continue
+        if s.startswith("Problem with given class_path") and i + 1 < len(lines):
+            continue  # its reason follows on the next line
+        if s not in out:
+            out.append(s)
+    return out or [lines[0] if lines else text]
+
+
 def message(err: BaseException) -> str:
-    """The error's own text (a KeyError's str() is the repr of its argument)."""
-    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    """The error's own text (a KeyError's str() is the repr of its argument), jsonargparse's bookkeeping
+    dropped."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return "\n  ".join(short_error(text))
 
 
 def one_line_warning(msg: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:

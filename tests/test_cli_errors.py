@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from memflow_train.cli import did_you_mean, run, short_error
+from memflow_train.cli import did_you_mean, run
+from memflow_train.errors import short_error
 
 pytestmark = pytest.mark.usefixtures("demo_cache")
 DEMO = ["fit", "--config", "configs/demo.yaml", "--trainer.max_steps=1"]

@@ -114,7 +114,7 @@ def demo_dataset(spec: DemoSpec | None = None, root: str | Path | None = None) -
         tmp = base / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        print(f"building the demo dataset in {final} (first use; about 10 s on 2 cores)", file=sys.stderr, flush=True)
+        print(f"building the demo dataset in {final} (first use)", file=sys.stderr, flush=True)
         try:
             _build(spec, tmp)
             os.rename(tmp, final)

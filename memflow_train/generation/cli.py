@@ -197,21 +197,16 @@ def describe(narrative: Narrative, pipeline: StreamingVideoPipeline, stats: Gene
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse option values that cannot be honoured exactly (none is replaced by a default)."""
-    checks = [
-        ("--fps", args.fps, lambda v: number("--fps", v, low=0, low_open=True)),
-        ("--crf", args.crf, lambda v: whole("--crf", v, low=0, high=51)),
-        ("--seed", args.seed, lambda v: whole("--seed", v, low=0)),
-        ("--timestep-shift", args.timestep_shift, lambda v: number("--timestep-shift", v, low=0, low_open=True)),
-        ("--text-len", args.text_len, lambda v: whole("--text-len", v, low=1)),
-        ("--height", args.height, lambda v: whole("--height", v, low=1)),
-        ("--width", args.width, lambda v: whole("--width", v, low=1)),
-        ("--num-frames", args.num_frames, lambda v: whole("--num-frames", v, low=1)),
-        ("--frames-per-prompt", args.frames_per_prompt, lambda v: whole("--frames-per-prompt", v, low=1)),
-    ]
+    positive = {"fps": "--fps", "timestep_shift": "--timestep-shift"}
+    counts = {"text_len": 1, "height": 1, "width": 1, "num_frames": 1, "frames_per_prompt": 1, "seed": 0}
     try:
-        for _, value, check in checks:
-            if value is not None:
-                check(value)
+        for key, flag in positive.items():
+            if getattr(args, key) is not None:
+                number(flag, getattr(args, key), low=0, low_open=True)
+        for key, low in counts.items():
+            if getattr(args, key) is not None:
+                whole("--" + key.replace("_", "-"), getattr(args, key), low=low)
+        whole("--crf", args.crf, low=0, high=51)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if args.index is not None and len(set(args.index)) != len(args.index):
