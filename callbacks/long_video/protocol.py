@@ -96,12 +96,16 @@ class ShardResult:
 
 
 def _world_truth(world: dict[str, Any], frame_segments: torch.Tensor) -> list[dict[str, Any]]:
-    """Per video frame, the renderer's annotation format without positions: segment, scene, subjects."""
+    """Per video frame, the renderer's annotation format without positions: segment, scene, subjects (id, shape,
+    colour, size, marking)."""
     w = World.from_json(world)
     notes = []
     for k in frame_segments.tolist():
         seg = w.segments[k]
-        subjects = [{"id": i, "shape": w.subjects[i].shape, "colour": w.subjects[i].colour} for i in seg.subjects]
+        subjects = [
+            {key: getattr(w.subjects[i], key) for key in ("id", "shape", "colour", "size", "marking")}
+            for i in seg.subjects
+        ]
         notes.append({"segment": k, "scene": seg.scene, "subjects": subjects})
     return notes
 

@@ -1,11 +1,13 @@
 """Exact consistency on the synthetic world: what a video shows (read from its pixels) against the truth.
 
 The world draws flat-coloured shapes over two-tone scenes, so a frame's content can be read back exactly:
-pixels near a subject colour form connected blobs, each blob's shape is the world's shape template that
-fits it best, and the scene is the one whose two tones match the top and bottom rows. `annotate` turns a
-video into per-frame annotations in the renderer's format (scene, subjects with shape and colour), and
-`WorldConsistency` compares them with the ground truth: per frame (subjects recalled, subjects invented,
-scene), and for every returning subject whether it comes back with the shape and colour it had before.
+pixels near a subject colour form connected blobs; a blob with a hole is a ring-marked subject (the hole
+filled gives its solid outline); its shape and radius are those of the world's shape template that fits the
+outline best, and its size is the world's size class nearest that radius; the scene is the one whose two
+tones match the top and bottom rows. `annotate` turns a video into per-frame annotations in the renderer's
+format, and `WorldConsistency` compares them with the ground truth: per frame (subjects recalled, subjects
+invented, scene, size error in pixels, marking), and for every returning subject whether it comes back as it
+was shown before: its look (named by the caption) and its size and marking (not named: object permanence).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from data.synthetic.world import COLOURS, SCENES, SHAPES, shape_mask
+from data.synthetic.world import COLOURS, SCENES, SHAPES, SIZES, shape_mask
 
 Look = tuple[str, str]  # (shape, colour)
 
@@ -39,8 +41,9 @@ _SPANS = {"circle": (2.0, 1.0), "square": (1.7, 0.85), "diamond": (2.0, 1.0), "t
 _JITTER = (-0.5, -0.25, 0.0, 0.25, 0.5)  # pixel offsets tried for the template's radius and centre
 
 
-def _best_shape(blob: np.ndarray) -> str:
-    """The world's shape whose template, fitted to the blob's bounding box, overlaps the blob most (IoU).
+def _fit(blob: np.ndarray) -> tuple[str, float]:
+    """The world's shape whose template, fitted to the blob's bounding box, overlaps the blob most (IoU), and
+    that template's radius in pixels.
 
     The template's size and centre come from the box up to a pixel's rounding, so a few offsets are tried."""
     ys, xs = np.nonzero(blob)
@@ -51,23 +54,43 @@ def _best_shape(blob: np.ndarray) -> str:
     yy, xx = yy + oy, xx + ox
     height, cx = bottom - top, (left + right) / 2
     jitter = np.array(np.meshgrid(_JITTER, _JITTER, _JITTER, indexing="ij")).reshape(3, -1, 1, 1)
-    best, best_iou = SHAPES[0], -1.0
+    best, best_r, best_iou = SHAPES[0], 0.0, -1.0
     for shape, (span, centre_below_top) in _SPANS.items():
         r = height / span + jitter[0]
         templates = shape_mask(shape, xx - cx - jitter[1], yy - (top + centre_below_top * r) - jitter[2], r)
-        iou = ((templates & crop).sum((1, 2)) / np.maximum(1, (templates | crop).sum((1, 2)))).max()
-        if iou > best_iou:
-            best, best_iou = shape, iou
-    return best
+        iou = (templates & crop).sum((1, 2)) / np.maximum(1, (templates | crop).sum((1, 2)))
+        i = int(iou.argmax())
+        if iou[i] > best_iou:
+            best, best_r, best_iou = shape, float(r.reshape(-1)[i]), float(iou[i])
+    return best, best_r
+
+
+def _holes(blob: np.ndarray) -> np.ndarray:
+    """Pixels of the blob's complement that the blob encloses (not connected to the outside of its box)."""
+    ys, xs = np.nonzero(blob)
+    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    crop = np.pad(blob[top:bottom, left:right], 1)  # a background border that touches the outside
+    outside = ~crop
+    labels = _components(torch.from_numpy(outside)[None])[0].numpy()
+    border = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))) - {0}
+    enclosed = outside & ~np.isin(labels, list(border))
+    holes = np.zeros_like(blob)
+    holes[top:bottom, left:right] = enclosed[1:-1, 1:-1]
+    return holes
 
 
 def annotate(frames: torch.Tensor, tolerance: int = 40, min_area: int = 6) -> list[dict[str, Any]]:
-    """Per frame of uint8 video (T, H, W, 3): {"scene": name or None, "subjects": [{"shape", "colour", "x",
-    "y"}]}. A subject is a blob of at least min_area pixels within tolerance (per channel) of a world colour;
-    x, y are its centre as fractions of the frame."""
+    """Per frame of uint8 video (T, H, W, 3): {"scene": name or None, "unit": min(H, W), "subjects": [{"shape",
+    "colour", "marking", "size", "radius_px", "x", "y"}]}. A subject is a blob of at least min_area pixels
+    within tolerance (per channel) of a world colour; its marking is "ring" when the blob encloses a hole of
+    at least an eighth of its outline's area (the world's ring leaves out a quarter), else "solid"; radius_px
+    is the fitted template's radius in pixels, size the world's size class (a fraction of the frame's smaller
+    side, like the renderer's) nearest radius_px / unit; x, y are the outline's centre as fractions of the
+    frame."""
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
     t, h, w, _ = frames.shape
+    unit = min(h, w)
     x = frames.int()
     palette = torch.tensor(list(COLOURS.values()))  # (K, 3)
     near = (x[:, None] - palette[None, :, None, None]).abs().amax(-1) <= tolerance  # (T, K, H, W)
@@ -81,16 +104,22 @@ def annotate(frames: torch.Tensor, tolerance: int = 40, min_area: int = 6) -> li
             if label == 0 or area < min_area:
                 continue
             blob = labels[i] == label
-            ys, xs = np.nonzero(blob)
+            holes = _holes(blob)
+            outline = blob | holes
+            shape, radius = _fit(outline)
+            ys, xs = np.nonzero(outline)
             found[f].append(
                 {
-                    "shape": _best_shape(blob),
+                    "shape": shape,
                     "colour": names[k],
+                    "marking": "ring" if holes.sum() >= outline.sum() / 8 else "solid",
+                    "size": min(SIZES, key=lambda c: abs(c * unit - radius)),
+                    "radius_px": round(radius, 3),
                     "x": round(float(xs.mean() + 0.5) / w, 4),
                     "y": round(float(ys.mean() + 0.5) / h, 4),
                 }
             )
-    return [{"scene": _scene(x[f], tolerance), "subjects": found[f]} for f in range(t)]
+    return [{"scene": _scene(x[f], tolerance), "unit": unit, "subjects": found[f]} for f in range(t)]
 
 
 def _scene(frame: torch.Tensor, tolerance: int) -> str | None:
@@ -120,18 +149,43 @@ def returning_events(segment_subjects: list[set[int]]) -> list[tuple[int, int, i
     return events
 
 
+def _shown_as(note: dict[str, Any], look: Look) -> dict[str, Any] | None:
+    """The frame's largest subject with this look, or None."""
+    matches = [s for s in note["subjects"] if (s["shape"], s["colour"]) == look]
+    return max(matches, key=lambda s: s.get("radius_px", 0.0)) if matches else None
+
+
+def appearance(notes: list[dict[str, Any]], look: Look) -> tuple[float, str] | None:
+    """How these frames show a subject: (median size in pixels, most frequent marking; ties: the first shown),
+    over the frames showing its look; None if no frame does."""
+    shown = [(s["size"] * n["unit"], s["marking"]) for n in notes if (s := _shown_as(n, look)) is not None]
+    if not shown:
+        return None
+    markings = [m for _, m in shown]
+    return float(np.median([size for size, _ in shown])), max(dict.fromkeys(markings), key=markings.count)
+
+
 class WorldConsistency(Metric):
     """Predicted annotations (annotate's format) against the truth (the renderer's: segment, scene, subjects
-    with id, shape and colour), frame by frame.
+    with id, shape, colour, size and marking), frame by frame.
 
     subject_recall: truth subjects whose look (shape, colour) the frame shows; subject_precision: shown
-    subjects that are in the truth; scene_accuracy: frames showing the right scene. return_consistency: of the
-    returning subjects shown in their earlier segment (in at least `presence` of its frames), the share shown
-    again with the same look in the segment they return in; return_events counts those subjects.
+    subjects that are in the truth; subject_f1 their harmonic mean; scene_accuracy: frames showing the right
+    scene. size_error_px: mean |shown size - true size| in pixels over recalled subjects; marking_accuracy:
+    the share of recalled subjects shown with their true marking. return_consistency: of the returning subjects
+    shown in their earlier segment (in at least `presence` of its frames), the share shown again with the same
+    look in the segment they return in; return_events counts those subjects. Of those shown again (reentries),
+    reentry_size_error_px is the mean |median size shown on return - median size shown in the earlier segment|
+    in pixels, and reentry_marking_accuracy the share whose most frequent marking is the same: both against
+    the video's own first appearance of the subject (the first segment that shows it), which the caption does
+    not name (object permanence), so a look that drifts a little at every return is counted in full.
     """
 
     full_state_update = False
-    COUNTS = ("recalled", "truth", "correct", "shown", "scene_hits", "frames", "kept", "returns")
+    COUNTS = (
+        "recalled", "truth", "correct", "shown", "scene_hits", "frames", "kept", "returns",
+        "size_error", "marking_hits", "reentries", "reentry_size_error", "reentry_marking_hits",
+    )  # fmt: skip
 
     def __init__(self, presence: float = 0.5, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -140,6 +194,9 @@ class WorldConsistency(Metric):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, predicted: list[dict[str, Any]], truth: list[dict[str, Any]]) -> None:
+        """predicted: annotate's notes; truth: per frame {"segment", "scene", "subjects": [{"id", "shape",
+        "colour", "size", "marking"}]}, sizes as fractions of the frame's smaller side. Raises ValueError when
+        the frame counts differ."""
         if len(predicted) != len(truth):
             raise ValueError(f"{len(predicted)} predicted frames for {len(truth)} annotated frames")
         for p, t in zip(predicted, truth, strict=True):
@@ -150,6 +207,10 @@ class WorldConsistency(Metric):
             self.shown += len(shown)
             self.scene_hits += p["scene"] == t["scene"]
             self.frames += 1
+            for s in t["subjects"]:
+                if (q := _shown_as(p, (s["shape"], s["colour"]))) is not None:
+                    self.size_error += abs(q["size"] - s["size"]) * p["unit"]
+                    self.marking_hits += q["marking"] == s["marking"]
         segments = sorted({t["segment"] for t in truth})
         frames_of = {k: [i for i, t in enumerate(truth) if t["segment"] == k] for k in segments}
         members = [{s["id"] for i in frames_of[k] for s in truth[i]["subjects"]} for k in segments]
@@ -162,16 +223,32 @@ class WorldConsistency(Metric):
         for subject, r, e in returning_events(members):
             if present(e, subject):
                 self.returns += 1
-                self.kept += present(r, subject)
+                back = present(r, subject)
+                self.kept += back
+                if back:
+                    first = min(k for k in range(r) if subject in members[k] and present(k, subject))
+                    before = appearance([predicted[i] for i in frames_of[segments[first]]], look[subject])
+                    after = appearance([predicted[i] for i in frames_of[segments[r]]], look[subject])
+                    if before is not None and after is not None:  # never shown when introduced: nothing to keep
+                        self.reentries += 1
+                        self.reentry_size_error += abs(after[0] - before[0])
+                        self.reentry_marking_hits += after[1] == before[1]
 
     def compute(self) -> dict[str, torch.Tensor]:
         def ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return a / b if b else torch.tensor(float("nan"), dtype=torch.float64, device=b.device)
 
+        recall, precision = ratio(self.recalled, self.truth), ratio(self.correct, self.shown)
         return {
-            "world/subject_recall": ratio(self.recalled, self.truth),
-            "world/subject_precision": ratio(self.correct, self.shown),
+            "world/subject_recall": recall,
+            "world/subject_precision": precision,
+            "world/subject_f1": 2 * recall * precision / (recall + precision),
             "world/scene_accuracy": ratio(self.scene_hits, self.frames),
+            "world/size_error_px": ratio(self.size_error, self.recalled),
+            "world/marking_accuracy": ratio(self.marking_hits, self.recalled),
             "world/return_consistency": ratio(self.kept, self.returns),
             "world/return_events": self.returns.clone(),
+            "world/reentry_size_error_px": ratio(self.reentry_size_error, self.reentries),
+            "world/reentry_marking_accuracy": ratio(self.reentry_marking_hits, self.reentries),
+            "world/reentries": self.reentries.clone(),
         }

@@ -27,7 +27,7 @@ from memflow_train.models.text_encoder import WanTextEncoder
 from memflow_train.models.vae import WanVAE
 
 CACHE_ENV = "MEMFLOW_TRAIN_CACHE"
-DEMO_VERSION = 1  # bump whenever generation changes, so caches of older demos are not reused
+DEMO_VERSION = 2  # bump whenever generation changes, so caches of older demos are not reused
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """A procedural world of coloured shapes for narratives whose consistency can be checked exactly.
 
-A narrative is a few subjects (a shape, a colour and a size that never change) and segments, each a scene
-(background) with the subjects visible in it. Between segments the scene may switch and subjects leave or
+A narrative is a few subjects (a shape, a colour, a size and a marking that never change) and segments, each a
+scene (background) with the subjects visible in it. Between segments the scene may switch and subjects leave or
 come back. Rendering gives small videos plus, per video frame, the scene and each visible subject's identity
-and position; a segment's caption names its scene and subjects, so "the blue square returns" is testable.
-Positions are fractions of the frame, so one narrative renders at any resolution.
+and position; a segment's caption names its scene and its subjects' shapes and colours, so "the blue square
+returns" is testable. Captions never name a subject's size or marking: a video can only show a returning
+subject as it was if the model remembers it (object permanence, the memory's purpose; Ring Forcing,
+arXiv 2608.26794). Positions and sizes are fractions of the frame, so one narrative renders at any resolution.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ SCENES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int], float]] = {
     "grey studio": ((100, 100, 100), (70, 70, 70), 0.8),
     "ocean": ((120, 180, 230), (20, 60, 130), 0.45),
 }
+# Radii as fractions of the frame's smaller side: classes far enough apart (1.9 px at 64x64) for a readback to
+# tell which one a video shows; captions never name them. The largest fits a lane of a third of the height.
+SIZES = (0.1, 0.13, 0.16)
+# "ring": the middle of the shape (within RING_HOLE of its radius) is left out, showing the scene through it.
+MARKINGS = ("solid", "ring")
+RING_HOLE = 0.5
 VERBS = (("drifts across", "drift across"), ("moves around", "move around"), ("wanders over", "wander over"))
 
 
@@ -41,7 +49,8 @@ class Subject:
     id: int
     shape: str
     colour: str
-    size: float  # radius as a fraction of the frame's smaller side
+    size: float  # radius as a fraction of the frame's smaller side (one of SIZES in sampled worlds)
+    marking: str = "solid"  # one of MARKINGS
 
     @property
     def name(self) -> str:
@@ -104,11 +113,19 @@ def caption(segment: Segment, subjects: tuple[Subject, ...], index: int) -> str:
     return text
 
 
+def sample_subjects(rng: random.Random, count: int) -> tuple[Subject, ...]:
+    """Subjects of distinct colours (so a colour names one subject), each with a random shape, size class and
+    marking."""
+    colours = rng.sample(list(COLOURS), count)
+    return tuple(
+        Subject(i, rng.choice(SHAPES), c, rng.choice(SIZES), rng.choice(MARKINGS)) for i, c in enumerate(colours)
+    )
+
+
 def sample_narrative(rng: random.Random, segment_frames: list[int], num_subjects: int = 3) -> Narrative:
     """Random subjects and segments: each switch changes the scene or the cast (a subject leaves, a new one
     enters, or one that left returns); with three or more segments, some subject always leaves and returns."""
-    looks = rng.sample([(s, c) for s in SHAPES for c in COLOURS], num_subjects)
-    subjects = tuple(Subject(i, s, c, round(rng.uniform(0.12, 0.2), 3)) for i, (s, c) in enumerate(looks))
+    subjects = sample_subjects(rng, num_subjects)
     scene = rng.choice(list(SCENES))
     present = sorted(rng.sample(range(num_subjects), min(2, num_subjects)))
     seen, left = set(present), []
@@ -141,11 +158,34 @@ def sample_narrative(rng: random.Random, segment_frames: list[int], num_subjects
     return Narrative(subjects, tuple(segments), rng.randrange(2**31))
 
 
+def permanence_narrative(
+    rng: random.Random, lead_frames: int, present_frames: int, away_frames: int, returns: int
+) -> Narrative:
+    """A narrative for the object-permanence benchmark: one scene and two subjects. A companion is there from
+    the start; the target enters only after `lead_frames` (so the sink never shows it), stays `present_frames`,
+    then is away `away_frames` and back `present_frames`, `returns` times. Make away_frames longer than the
+    student's local window, so only a memory can hold the target's size and marking when it re-enters.
+
+    Raises ValueError for a non-positive length or fewer than one return."""
+    if min(lead_frames, present_frames, away_frames) < 1 or returns < 1:
+        raise ValueError(
+            f"lead_frames, present_frames, away_frames and returns must be >= 1, got "
+            f"{lead_frames}, {present_frames}, {away_frames}, {returns}"
+        )
+    subjects = sample_subjects(rng, 2)
+    scene = rng.choice(list(SCENES))
+    segments = [Segment(scene, (0,), lead_frames), Segment(scene, (0, 1), present_frames)]
+    for _ in range(returns):
+        segments += [Segment(scene, (0,), away_frames), Segment(scene, (0, 1), present_frames, (1,))]
+    return Narrative(subjects, tuple(segments), rng.randrange(2**31))
+
+
 # ------------------------------------------------------------------------------------------ rendering
 
 
-def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
-    """Pixels a shape of radius r covers at offsets (dx, dy) from its centre (shared by renderer and evaluation)."""
+def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float | np.ndarray) -> np.ndarray:
+    """Pixels a solid shape of radius r covers at offsets (dx, dy) from its centre (shared by renderer and
+    evaluation)."""
     if shape == "circle":
         return dx**2 + dy**2 <= r**2
     if shape == "square":
@@ -166,16 +206,31 @@ def render(
     narrative: Narrative, height: int, width: int, temporal_stride: int = 4
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Video uint8 (1 + stride*(N-1), H, W, 3) for N latent frames, and per video frame its annotation:
-    frame, latent_frame, segment, scene and the visible subjects with their centre (x, y as fractions)."""
+    frame, latent_frame, segment, scene and the visible subjects with their centre (x, y as fractions).
+
+    Subject i of n moves in its own lane, the i-th of n horizontal bands, bouncing off the lane's and the
+    frame's edges, so subjects never overlap and each one's outline can be read back whole."""
     frames = 1 + temporal_stride * (narrative.num_frames - 1)
     starts = [0, *narrative.switch_frames]
+    n = len(narrative.subjects)
+    unit = min(height, width)
+    radius = np.array([s.size for s in narrative.subjects]) * unit
+    lane = np.arange(n) / n
+    # Where each centre may go (fractions): inside the frame horizontally, inside its lane vertically; a
+    # subject taller than its lane stays at the lane's middle.
+    bounds = np.stack(
+        [
+            np.stack([radius / width, 1 - radius / width], 1),
+            np.stack([lane + radius / height, lane + 1 / n - radius / height], 1),
+        ]
+    )  # (axis, subject, low/high)
+    bounds = np.where(bounds[..., :1] > bounds[..., 1:], bounds.mean(-1, keepdims=True), bounds)
     rng = np.random.default_rng(narrative.seed)
-    pos = rng.uniform(0.25, 0.75, size=(len(narrative.subjects), 2))
-    speed = rng.uniform(0.01, 0.03, size=(len(narrative.subjects), 1))  # frame fractions per video frame
-    angle = rng.uniform(0, 2 * np.pi, size=(len(narrative.subjects), 1))
+    pos = rng.uniform(bounds[..., 0], bounds[..., 1]).T  # (subject, axis)
+    speed = rng.uniform(0.01, 0.03, size=(n, 1))  # frame fractions per video frame
+    angle = rng.uniform(0, 2 * np.pi, size=(n, 1))
     vel = speed * np.concatenate([np.cos(angle), np.sin(angle)], axis=1)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
-    unit = min(height, width)
     video = np.empty((frames, height, width, 3), dtype=np.uint8)
     notes = []
     for f in range(frames):
@@ -190,16 +245,21 @@ def render(
         for sid in seg.subjects:
             s = narrative.subjects[sid]
             x, y = pos[sid]
-            img[shape_mask(s.shape, xx - x * width, yy - y * height, s.size * unit)] = COLOURS[s.colour]
+            dx, dy, r = xx - x * width, yy - y * height, s.size * unit
+            covered = shape_mask(s.shape, dx, dy, r)
+            if s.marking == "ring":
+                covered &= ~shape_mask(s.shape, dx, dy, RING_HOLE * r)
+            elif s.marking != "solid":
+                raise ValueError(f"unknown marking {s.marking!r} (known: {', '.join(MARKINGS)})")
+            img[covered] = COLOURS[s.colour]
             visible.append({**asdict(s), "x": round(float(x), 4), "y": round(float(y), 4)})
         notes.append({"frame": f, "latent_frame": lf, "segment": k, "scene": seg.scene, "subjects": visible})
         # Every subject keeps moving while away, so one that returns shows up somewhere else.
         pos += vel
         for axis in range(2):
-            margin = np.array([s.size for s in narrative.subjects]) * unit / (width if axis == 0 else height)
-            low, high = pos[:, axis] < margin, pos[:, axis] > 1 - margin
+            low, high = pos[:, axis] < bounds[axis, :, 0], pos[:, axis] > bounds[axis, :, 1]
             vel[low | high, axis] *= -1
-            pos[:, axis] = np.clip(pos[:, axis], margin, 1 - margin)
+            pos[:, axis] = np.clip(pos[:, axis], bounds[axis, :, 0], bounds[axis, :, 1])
     return video, notes
 
 
