@@ -4,6 +4,7 @@ against hand-worked values on rendered ground truth, and the benchmark's narrati
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 
 import numpy as np
@@ -11,12 +12,14 @@ import pytest
 import torch
 
 from callbacks.long_video.world import WorldConsistency, annotate, appearance
+from data.synthetic.__main__ import main as synthetic_main
 from data.synthetic.world import (
     MARKINGS,
     SIZES,
     Narrative,
     Segment,
     Subject,
+    permanence_jsonl,
     permanence_narrative,
     render,
     sample_narrative,
@@ -163,3 +166,38 @@ def test_reentries_are_measured_against_the_first_appearance_the_video_shows() -
     # against segment 3, the first the video shows the target in, with the same (changed) size: no error.
     assert out["world/return_events"].item() == 1 and out["world/reentries"].item() == 1
     assert out["world/reentry_size_error_px"].item() == 0.0
+
+
+def test_permanence_command_writes_seeded_narratives_the_renderer_rebuilds(tmp_path) -> None:
+    out = tmp_path / "p.jsonl"
+    args = ["permanence", "--out", str(out), "--count", "4", "--lead-frames", "3", "--away-frames", "9"]
+    synthetic_main(args)
+    lines = out.read_text().splitlines()
+    assert lines == permanence_jsonl(4, 3, 6, 9, 2, seed=0)  # the documented defaults, seeded
+    for line in lines:
+        record = json.loads(line)
+        world = Narrative.from_json(record["world"])
+        assert (world.prompts, world.switch_frames, world.num_frames) == (
+            record["prompts"],
+            record["switch_frames"],
+            record["num_frames"],
+        )
+        assert record["switch_frames"] == [3, 9, 18, 24, 33] and record["num_frames"] == 39
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["permanence", "--returns", "0"], "returns"),
+        (["permanence", "--away-frames", "0"], "away_frames"),
+        (["permanence", "--count", "0"], "--count"),
+        (["narratives", "--segments", "0"], "--segments"),
+        (["narratives", "--frames-per-segment", "0"], "--frames-per-segment"),
+        (["narratives", "--subjects", "7"], "--subjects must be 1 to 6"),
+    ],
+)
+def test_synthetic_commands_refuse_what_they_cannot_write(tmp_path, capsys, args, message) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic_main([args[0], "--out", str(tmp_path / "x.jsonl"), *args[1:]])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()

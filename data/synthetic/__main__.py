@@ -1,4 +1,5 @@
-"""python -m data.synthetic {demo,narratives}: build the demo dataset, or write evaluation narrative sets."""
+"""python -m data.synthetic {demo,narratives,permanence}: build the demo dataset, or write evaluation narrative
+sets (random narratives, or the object-permanence benchmark's leave-and-re-enter narratives)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from data.synthetic.demo import DemoSpec, demo_dataset
-from data.synthetic.world import narratives_jsonl
+from data.synthetic.world import COLOURS, narratives_jsonl, permanence_jsonl
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,12 +26,42 @@ def main(argv: list[str] | None = None) -> None:
     nar.add_argument("--frames-per-segment", type=int, default=40, help="latent frames per prompt (40 = 10 s)")
     nar.add_argument("--subjects", type=int, default=3)
     nar.add_argument("--seed", type=int, default=0)
+    perm = sub.add_parser(
+        "permanence",
+        help="write object-permanence narratives (narratives' format): a companion throughout, a target that "
+        "enters after the opening segment, leaves and re-enters; captions never name its size or marking",
+    )
+    perm.add_argument("--out", required=True, help="JSONL file to write")
+    perm.add_argument("--count", type=int, default=100)
+    perm.add_argument("--lead-frames", type=int, default=6, help="latent frames before the target enters")
+    perm.add_argument("--present-frames", type=int, default=6, help="latent frames of each appearance")
+    perm.add_argument(
+        "--away-frames", type=int, default=12, help="latent frames away; longer than the generator's window"
+    )
+    perm.add_argument("--returns", type=int, default=2)
+    perm.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if getattr(args, "count", 1) < 1:
+        parser.error(f"--count must be >= 1, got {args.count}")
+    if args.command == "narratives":
+        for flag, value in (("--segments", args.segments), ("--frames-per-segment", args.frames_per_segment)):
+            if value < 1:
+                parser.error(f"{flag} must be >= 1, got {value}")
+        if not 1 <= args.subjects <= len(COLOURS):
+            parser.error(f"--subjects must be 1 to {len(COLOURS)} (one colour each), got {args.subjects}")
     if args.command == "demo":
         data = demo_dataset(DemoSpec(), args.cache_dir)
         print(f"root: {data.root}\ntrain_urls: {data.train_urls}\nval_urls: {data.val_urls}")
     else:
-        lines = narratives_jsonl(args.count, [args.frames_per_segment] * args.segments, args.seed, args.subjects)
+        if args.command == "narratives":
+            lines = narratives_jsonl(args.count, [args.frames_per_segment] * args.segments, args.seed, args.subjects)
+        else:
+            try:
+                lines = permanence_jsonl(
+                    args.count, args.lead_frames, args.present_frames, args.away_frames, args.returns, args.seed
+                )
+            except ValueError as error:
+                parser.error(str(error))
         Path(args.out).write_text("\n".join(lines) + "\n")
         print(f"{len(lines)} narratives -> {args.out}")
 

@@ -263,18 +263,26 @@ def render(
     return video, notes
 
 
+def _jsonl_record(n: Narrative) -> str:
+    """The benchmark's {"prompts": [...]} plus switch frames, length and the world that `render` rebuilds."""
+    return json.dumps(
+        {"prompts": n.prompts, "switch_frames": n.switch_frames, "num_frames": n.num_frames, "world": n.to_json()}
+    )
+
+
 def narratives_jsonl(count: int, segment_frames: list[int], seed: int = 0, num_subjects: int = 3) -> list[str]:
     """Evaluation narratives as JSON lines: the benchmark's {"prompts": [...]} plus switch frames, length and the
     world, from which `render` rebuilds the ground truth."""
     rng = random.Random(seed)
-    lines = []
-    for _ in range(count):
-        n = sample_narrative(rng, segment_frames, num_subjects)
-        record = {
-            "prompts": n.prompts,
-            "switch_frames": n.switch_frames,
-            "num_frames": n.num_frames,
-            "world": n.to_json(),
-        }
-        lines.append(json.dumps(record))
-    return lines
+    return [_jsonl_record(sample_narrative(rng, segment_frames, num_subjects)) for _ in range(count)]
+
+
+def permanence_jsonl(
+    count: int, lead_frames: int, present_frames: int, away_frames: int, returns: int, seed: int = 0
+) -> list[str]:
+    """Object-permanence narratives (`permanence_narrative`) as JSON lines in `narratives_jsonl`'s format."""
+    rng = random.Random(seed)
+    return [
+        _jsonl_record(permanence_narrative(rng, lead_frames, present_frames, away_frames, returns))
+        for _ in range(count)
+    ]
