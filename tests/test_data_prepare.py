@@ -256,6 +256,31 @@ def test_video_sizes_the_transformer_cannot_take_are_refused(tmp_path: Path) -> 
         main([*args, "--height", "40", "--width", "40"])
 
 
+@pytest.mark.parametrize(
+    "source, option, message",
+    [
+        ("prompts", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        ("prompts", ["--samples-per-shard", "0"], "--samples-per-shard must be >= 1, got 0"),
+        ("prompts", ["--seed", "-1"], "--seed must be >= 0, got -1"),
+        ("prompts", ["--tiny-text-dim", "0"], "--tiny-text-dim must be >= 1, got 0"),
+        ("narratives", ["--frames-per-prompt", "0"], "--frames-per-prompt must be >= 1, got 0"),
+        ("videos", ["--fps", "0"], "--fps must be > 0, got 0.0"),  # was replaced by 16 (0 is falsy)
+        ("videos", ["--fps", "nan"], "--fps must be finite"),
+        ("videos", ["--max-frames", "0"], "--max-frames must be >= 1, got 0"),
+        ("videos", ["--min-latent-frames", "0"], "--min-latent-frames must be >= 1, got 0"),
+    ],
+)
+def test_option_values_that_cannot_be_honoured_are_refused_before_work(
+    tmp_path: Path, source: str, option: list[str], message: str
+) -> None:
+    (tmp_path / "in.txt").write_text("a red circle\n")
+    (tmp_path / "v").mkdir()
+    where = str(tmp_path / ("v" if source == "videos" else "in.txt"))
+    with pytest.raises(SystemExit, match=message):
+        main([source, where, "--output", str(tmp_path / "o"), "--quiet", *option])
+    assert not (tmp_path / "o").exists()
+
+
 def test_clips_that_lose_frames_or_are_too_short_warn(tmp_path: Path) -> None:
     src = tmp_path / "videos"
     src.mkdir()

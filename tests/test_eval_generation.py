@@ -111,3 +111,33 @@ def test_narrative_files_reject_bad_lines(tmp_path: Path) -> None:
     path.write_text(json.dumps({"prompts": []}) + "\n")
     with pytest.raises(ValueError, match="non-empty prompts"):
         read_jsonl(path)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"num_narratives": 0}, "num_narratives must be >= 1, got 0"),
+        ({"frames_per_prompt": 0}, "frames_per_prompt must be >= 1, got 0"),  # was read as 40 (0 is falsy)
+        ({"max_prompts": 0}, "max_prompts must be >= 1, got 0"),
+        ({"memory_free_narratives": -1}, "memory_free_narratives must be >= 0"),
+        ({"synthetic": {"count": 0}}, "synthetic.count must be >= 1, got 0"),
+        ({"synthetic": {"subjects": 7}}, "synthetic.subjects must be >= 1 and <= 6, got 7"),
+        ({"synthetic": {"frames_per_segment": 2.5}}, "synthetic.frames_per_segment must be an integer"),
+    ],
+)
+def test_evaluation_protocol_refuses_counts_it_cannot_honour(settings: dict, message: str) -> None:
+    from callbacks.long_video.protocol import EvalProtocol, SyntheticNarratives
+
+    with pytest.raises(ValueError, match=message):
+        if "synthetic" in settings:
+            SyntheticNarratives(**settings["synthetic"])
+        else:
+            EvalProtocol(**settings)
+
+
+def test_evaluation_protocol_refuses_more_narratives_than_the_set_holds(tmp_path: Path) -> None:
+    from callbacks.long_video.protocol import EvalProtocol, SyntheticNarratives
+
+    assert len(EvalProtocol(synthetic=SyntheticNarratives(count=3), num_narratives=3).load()) == 3
+    with pytest.raises(ValueError, match="num_narratives 4: synthetic.count 3 holds only 3 narratives"):
+        EvalProtocol(synthetic=SyntheticNarratives(count=3), num_narratives=4).load()

@@ -17,9 +17,10 @@ import torch
 from callbacks.long_video.memory import MemoryRetrieval
 from callbacks.long_video.metrics import SegmentClipScore, SegmentConsistency, SegmentQuality, TemporalFlicker
 from callbacks.long_video.world import WorldConsistency, annotate, returning_events
+from data.synthetic.world import COLOURS, narratives_jsonl
 from data.synthetic.world import Narrative as World
-from data.synthetic.world import narratives_jsonl
 from data.video_io import encode_mp4
+from memflow_train.checks import whole
 from memflow_train.evaluation import (
     PROTOCOL_VERSION,
     ClipFeatures,
@@ -48,6 +49,13 @@ class SyntheticNarratives:
     subjects: int = 3
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Raises ValueError for a count or length below 1, or more subjects than the world has colours."""
+        for name in ("count", "segments", "frames_per_segment"):
+            whole(f"synthetic.{name}", getattr(self, name), low=1)
+        whole("synthetic.subjects", self.subjects, low=1, high=len(COLOURS))
+        whole("synthetic.seed", self.seed, low=0)
+
 
 @dataclass(frozen=True)
 class EvalProtocol:
@@ -75,13 +83,25 @@ class EvalProtocol:
     memory_free_narratives: int = 1
     world_check: bool = True
 
+    def __post_init__(self) -> None:
+        """Raises ValueError for a count or length below 1 (None leaves the set as it is)."""
+        for name in ("num_narratives", "max_prompts", "frames_per_prompt"):
+            if getattr(self, name) is not None:
+                whole(name, getattr(self, name), low=1)
+        whole("memory_free_narratives", self.memory_free_narratives, low=0)
+        whole("seed", self.seed, low=0)
+
     def load(self) -> list[EvalNarrative]:
+        """The narratives to evaluate. Raises ValueError when num_narratives asks for more than the set holds."""
         if self.narratives is not None:
-            items = read_jsonl(self.narratives, self.frames_per_prompt or 40)
+            items = read_jsonl(self.narratives, 40 if self.frames_per_prompt is None else self.frames_per_prompt)
         else:
             s = self.synthetic
             lines = narratives_jsonl(s.count, [s.frames_per_segment] * s.segments, s.seed, s.subjects)
             items = from_records([json.loads(line) for line in lines], "synthetic", s.frames_per_segment)
+        if self.num_narratives is not None and self.num_narratives > len(items):
+            source = self.narratives or f"synthetic.count {len(items)}"
+            raise ValueError(f"num_narratives {self.num_narratives}: {source} holds only {len(items)} narratives")
         items = items[: self.num_narratives]
         return [shorten(n, self.max_prompts, self.frames_per_prompt) for n in items]
 

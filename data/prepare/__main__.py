@@ -12,6 +12,7 @@ import torch
 from data.prepare import sources
 from data.prepare.core import Encoders, prepare
 from data.writer import ShardSink, parse_size
+from memflow_train.checks import number, whole
 from memflow_train.errors import run_command
 from memflow_train.models.text_encoder import WanTextEncoder
 from memflow_train.models.vae import WanVAE
@@ -87,6 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Whole-number options and their smallest honourable value (a missing option is None: the default applies).
+COUNTS = {
+    "samples_per_shard": 1, "text_len": 1, "tiny_text_dim": 1, "tiny_z_dim": 1, "seed": 0, "batch_size": 1,
+    "num_frames": 1, "switch_frame": 1, "frames_per_prompt": 1, "max_frames": 1, "min_latent_frames": 1,
+}  # fmt: skip
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse option values that cannot be honoured exactly (before any model loads or shard is written)."""
+    try:
+        for key, low in COUNTS.items():
+            if getattr(args, key, None) is not None:
+                whole("--" + key.replace("_", "-"), getattr(args, key), low=low)
+        if getattr(args, "fps", None) is not None:
+            number("--fps", args.fps, low=0, low_open=True)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def _items(args: argparse.Namespace) -> tuple[object, int | None]:
     if args.source == "prompts":
         items = sources.prompt_file(args.file, args.num_frames)
@@ -147,7 +167,7 @@ def _encoders(args: argparse.Namespace) -> Encoders:
         vae=vae,
         negative_prompt=args.negative_prompt,
         keep_video=getattr(args, "keep_video", False),
-        fps=getattr(args, "fps", None) or 16.0,
+        fps=16.0 if getattr(args, "fps", None) is None else args.fps,
         batch_size=args.batch_size,
         text_dtype=DTYPES[args.text_dtype],
         latent_dtype=DTYPES[args.latent_dtype],
@@ -157,6 +177,7 @@ def _encoders(args: argparse.Namespace) -> Encoders:
 
 def main(argv: list[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
+    check_args(args)
     if args.source == "benchmark":
         args.source = "narratives"
     options = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_ONLY}
