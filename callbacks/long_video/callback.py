@@ -34,7 +34,7 @@ from data.synthetic.demo import demo_dataset
 from memflow_train.generation.pipeline import StreamingVideoPipeline
 from memflow_train.methods.specs import TextEncoderSpec, torch_dtype
 from memflow_train.models.text_encoder import WanTextEncoder
-from memflow_train.models.vae import WanVAE
+from memflow_train.models.vae import VideoAutoencoder, load_vae
 from memflow_train.rollout import StreamingGenerator
 from memflow_train.strategies.zero import shards_parameters
 
@@ -74,7 +74,7 @@ class LongVideoEvaluation(L.Callback):
         self.output_dir = output_dir
         self.evaluator: Evaluator | None = None
         self._text_encoder: WanTextEncoder | None = None
-        self._vae: WanVAE | None = None
+        self._vae: VideoAutoencoder | None = None
         self._last_step: int | None = None
         self.last_report: dict[str, Any] | None = None  # rank 0: the latest evaluation's report
 
@@ -181,7 +181,7 @@ class LongVideoEvaluation(L.Callback):
             self._text_encoder = spec.build()
         return self._text_encoder
 
-    def _vae_for(self, trainer: L.Trainer) -> WanVAE:
+    def _vae_for(self, trainer: L.Trainer) -> VideoAutoencoder:
         if self._vae is None:
             path = self.vae_path
             if path is None and (demo := self._demo_folder(trainer)) is not None:
@@ -189,7 +189,7 @@ class LongVideoEvaluation(L.Callback):
             if path is None:
                 raise ValueError("no VAE: set the callback's vae (a Wan folder with vae/, or a VAE folder)")
             with torch.random.fork_rng(devices=[]):
-                self._vae = WanVAE.from_pretrained(path, torch_dtype(self.vae_dtype))
+                self._vae = load_vae(path, torch_dtype(self.vae_dtype))
         return self._vae
 
     def _release(self, evaluator: Evaluator) -> None:

@@ -15,7 +15,7 @@ from data.writer import ShardSink, parse_size
 from memflow_train.checks import number, whole
 from memflow_train.errors import run_command
 from memflow_train.models.text_encoder import WanTextEncoder
-from memflow_train.models.vae import WanVAE
+from memflow_train.models.vae import WanVAE, load_vae
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Arguments that do not change what is written: a resumed run may differ in them.
@@ -155,7 +155,7 @@ def _encoders(args: argparse.Namespace) -> Encoders:
     if args.vae == "tiny":
         vae = WanVAE.tiny(z_dim=args.tiny_z_dim, seed=args.seed)
     elif args.vae:
-        vae = WanVAE.from_pretrained(args.vae, vae_dtype)
+        vae = load_vae(args.vae, vae_dtype)
     if args.source != "videos" and vae is not None:
         raise SystemExit("--vae needs video: use it with the videos source")
     if args.negative_prompt and text is None:

@@ -15,7 +15,7 @@ from data.format import Sample
 from data.video_io import encode_mp4
 from data.writer import ShardSink
 from memflow_train.models.text_encoder import WanTextEncoder
-from memflow_train.models.vae import WanVAE
+from memflow_train.models.vae import VideoAutoencoder
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Encoders:
     """What to precompute. Without a text encoder only prompts are stored; without a VAE no latents."""
 
     text: WanTextEncoder | None = None
-    vae: WanVAE | None = None
+    vae: VideoAutoencoder | None = None
     negative_prompt: str | None = None
     keep_video: bool = False
     fps: float = 16.0  # frame rate written into stored mp4s
@@ -65,7 +65,7 @@ class DroppedFramesWarning(UserWarning):
     """A clip loses frames to the VAE's 1 + 4k rule, or is too short to train on."""
 
 
-def _load_video(item: Item, vae: WanVAE | None, min_latent_frames: int = 3) -> torch.Tensor | None:
+def _load_video(item: Item, vae: VideoAutoencoder | None, min_latent_frames: int = 3) -> torch.Tensor | None:
     if item.video is None:
         return None
     try:

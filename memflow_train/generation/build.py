@@ -20,7 +20,8 @@ from memflow_train.methods.specs import BackboneSpec, TextEncoderSpec, torch_dty
 from memflow_train.models.causal_wan import CausalWanTransformer, cast_keeping_fp32
 from memflow_train.models.loading import load_transformer
 from memflow_train.models.text_encoder import WanTextEncoder
-from memflow_train.models.vae import WanVAE
+from memflow_train.models.vae import VideoAutoencoder
+from memflow_train.models.vae import load_vae as load_autoencoder
 
 MEMORY_MODES = {"off": {"enabled": False}, "on": {"enabled": True, "sma": False}, "sma": {"enabled": True, "sma": True}}
 MEMORY_KNOBS = (
@@ -144,13 +145,15 @@ def load_text_encoder(
     return encoder.to(device)
 
 
-def load_vae(path: str | None, text_encoder_path: str | None, dtype: torch.dtype, device: torch.device) -> WanVAE:
+def load_vae(
+    path: str | None, text_encoder_path: str | None, dtype: torch.dtype, device: torch.device
+) -> VideoAutoencoder:
     """--vae, else the text encoder's folder when it holds vae/ too (a Wan diffusers folder, the demo data)."""
     if path is None and text_encoder_path is not None and (Path(text_encoder_path) / "vae").is_dir():
         path = text_encoder_path
     if path is None:
         raise ValueError("pass --vae (a Wan folder with vae/, or a VAE folder)")
-    return WanVAE.from_pretrained(path, dtype).to(device)
+    return load_autoencoder(path, dtype).to(device)
 
 
 def parse_dtype(name: str | None, default: str) -> torch.dtype:

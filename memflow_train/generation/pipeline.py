@@ -27,7 +27,7 @@ import torch
 from memflow_train.generation.narrative import Narrative
 from memflow_train.models.causal_wan import TextContext
 from memflow_train.models.text_encoder import WanTextEncoder
-from memflow_train.models.vae import WanVAE
+from memflow_train.models.vae import VideoAutoencoder
 from memflow_train.rollout import PromptSchedule, StreamingGenerator
 from memflow_train.rollout.streaming import Stream
 from memflow_train.sampling import seeded
@@ -127,7 +127,7 @@ class StreamingVideoPipeline:
         self,
         sampler: StreamingGenerator,
         text_encoder: WanTextEncoder,
-        vae: WanVAE | None,
+        vae: VideoAutoencoder | None,
         latent_size: tuple[int, int],
     ) -> None:
         self.sampler = sampler
@@ -205,7 +205,7 @@ class StreamingVideoPipeline:
             latents = self.sampler.rollout(stream, noise, prompts, generator=step_rng)
             synchronize(device)
             t1 = time.perf_counter()
-            frames = WanVAE.to_uint8(decoder.decode(latents))[0] if decoder is not None else None
+            frames = VideoAutoencoder.to_uint8(decoder.decode(latents))[0] if decoder is not None else None
             synchronize(device)
             t2 = time.perf_counter()
             prompt = sum(1 for s in narrative.starts if s <= first) - 1

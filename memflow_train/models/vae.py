@@ -1,6 +1,10 @@
-"""Wan's video VAE (diffusers AutoencoderKLWan) with the latent normalisation WanPipeline applies.
+"""The VAE seam: video autoencoders with the latent normalisation WanPipeline applies.
 
 Videos in, normalised latents out: z = (mode(encode(x)) - latents_mean) / latents_std, and decode inverts it.
+Two autoencoders fit the seam (`load_vae` picks by the folder's config):
+- `WanVAE`: Wan's causal video VAE (diffusers AutoencoderKLWan), strides 4 (time) and 8 (space);
+- `FrameVAE`: an image autoencoder (diffusers AutoencoderKL) applied to every frame alone, temporal stride 1
+  (the synthetic world's autoencoder: a latent frame per video frame).
 Video layouts accepted by encode:
 - uint8, channels last: (T, H, W, 3) or (B, T, H, W, 3), values 0..255 (what decoders return),
 - floating, channels first: (B, 3, T, H, W), values in [-1, 1] (what diffusers models use).
@@ -9,65 +13,62 @@ T must be 1 + k * temporal stride and H, W multiples of the spatial stride (4 an
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan
+from diffusers import AutoencoderKL, AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
 
-class WanVAE(torch.nn.Module):
-    """Frozen AutoencoderKLWan: encode videos to normalised latents (B, z_dim, T', H', W') and decode them."""
+def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> WanVAE | FrameVAE:
+    """The autoencoder saved in a local folder: a Wan diffusers folder (vae/ inside) or a VAE folder, whose
+    config names AutoencoderKLWan (WanVAE) or AutoencoderKL (FrameVAE). Raises FileNotFoundError without a
+    config, ValueError for another class."""
+    folder = _vae_folder(path)
+    name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    kinds = {"AutoencoderKLWan": WanVAE, "AutoencoderKL": FrameVAE}
+    if name not in kinds:
+        raise ValueError(f"{folder / 'config.json'} holds a {name}; the VAE seam takes {' or '.join(kinds)}")
+    return kinds[name].from_pretrained(folder, dtype)
 
-    def __init__(self, vae: AutoencoderKLWan) -> None:
+
+def _vae_folder(path: str | Path) -> Path:
+    path = Path(path)
+    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no VAE at {path} (expected config.json or vae/config.json)")
+    return folder
+
+
+class VideoAutoencoder(torch.nn.Module):
+    """A frozen diffusers autoencoder behind the seam: normalised latents (B, z_dim, T', H', W') and videos.
+
+    Subclasses give the strides and the raw encode / decode of model-input videos (B, 3, T, H, W)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
 
-    @property
-    def z_dim(self) -> int:
-        return self.vae.config.z_dim
+    z_dim: int
+    temporal_stride: int
+    spatial_stride: int
 
-    @property
-    def temporal_stride(self) -> int:
-        return self.vae.config.scale_factor_temporal
+    def _encode_raw(self, video: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-    @property
-    def spatial_stride(self) -> int:
-        return self.vae.config.scale_factor_spatial
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.vae.config.latents_mean, device=like.device, dtype=like.dtype).view(shape)
-        std = torch.tensor(self.vae.config.latents_std, device=like.device, dtype=like.dtype).view(shape)
-        return mean, std
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> WanVAE:
-        """Load from a local Wan diffusers folder (vae/ inside) or a VAE folder."""
-        path = Path(path)
-        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"no Wan VAE at {path} (expected config.json or vae/config.json)")
-        return cls(AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype, local_files_only=True))
-
-    @classmethod
-    def tiny(cls, z_dim: int = 4, base_dim: int = 8, seed: int = 0) -> WanVAE:
-        """A random Wan VAE with Wan's strides (4, 8, 8) and a few hundred thousand weights; deterministic for a
-        seed. Its latent statistics are identity until `calibrate` measures them."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            vae = AutoencoderKLWan(
-                base_dim=base_dim,
-                z_dim=z_dim,
-                dim_mult=[1, 2, 2, 2],
-                num_res_blocks=1,
-                latents_mean=[0.0] * z_dim,
-                latents_std=[1.0] * z_dim,
-            )
-        return cls(vae)
+        mean, std = self.vae.config.latents_mean, self.vae.config.latents_std
+        mean = torch.tensor(mean if mean is not None else [0.0] * self.z_dim, device=like.device, dtype=like.dtype)
+        std = torch.tensor(std if std is not None else [1.0] * self.z_dim, device=like.device, dtype=like.dtype)
+        return mean.view(shape), std.view(shape)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write vae/ under path (the layout from_pretrained reads)."""
+        """Write vae/ under path (the layout from_pretrained and load_vae read)."""
         self.vae.save_pretrained(Path(path) / "vae")
 
     def _as_model_input(self, video: torch.Tensor) -> torch.Tensor:
@@ -89,13 +90,14 @@ class WanVAE(torch.nn.Module):
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """Normalised latents (B, z_dim, 1 + (T-1)/4, H/8, W/8) in the VAE's dtype (see module doc for layouts)."""
+        """Normalised latents (B, z_dim, 1 + (T-1)/ts, H/ss, W/ss) in the VAE's dtype, for temporal stride ts and
+        spatial stride ss (see the module doc for layouts). Raises ValueError for a layout or size it cannot take."""
         param = next(self.vae.parameters())
         video = self._as_model_input(video)
         step = batch_size or video.shape[0]
         out = []
         for chunk in video.split(step):
-            z = self.vae.encode(chunk.to(param.device, param.dtype)).latent_dist.mode()
+            z = self._encode_raw(chunk.to(param.device, param.dtype))
             mean, std = self._stats(z)
             out.append((z - mean) / std)
         return torch.cat(out)
@@ -111,12 +113,8 @@ class WanVAE(torch.nn.Module):
         for chunk in latents.split(step):
             z = chunk.to(param.device, param.dtype)
             mean, std = self._stats(z)
-            out.append(self.vae.decode(z * std + mean).sample.clamp(-1, 1))
+            out.append(self._decode_raw(z * std + mean).clamp(-1, 1))
         return torch.cat(out)
-
-    def streaming_decoder(self) -> StreamingDecoder:
-        """A decoder that takes a long video's latents chunk by chunk and returns each chunk's frames."""
-        return StreamingDecoder(self)
 
     @staticmethod
     def to_uint8(video: torch.Tensor) -> torch.Tensor:
@@ -133,6 +131,135 @@ class WanVAE(torch.nn.Module):
         self.vae.register_to_config(
             latents_mean=z.mean(dims).tolist(), latents_std=z.std(dims).clamp_min(1e-6).tolist()
         )
+
+
+class WanVAE(VideoAutoencoder):
+    """Frozen AutoencoderKLWan (Wan2.1's causal video VAE)."""
+
+    @property
+    def z_dim(self) -> int:
+        return self.vae.config.z_dim
+
+    @property
+    def temporal_stride(self) -> int:
+        return self.vae.config.scale_factor_temporal
+
+    @property
+    def spatial_stride(self) -> int:
+        return self.vae.config.scale_factor_spatial
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> WanVAE:
+        """Load from a local Wan diffusers folder (vae/ inside) or a VAE folder."""
+        folder = _vae_folder(path)
+        return cls(AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype, local_files_only=True))
+
+    @classmethod
+    def tiny(cls, z_dim: int = 4, base_dim: int = 8, seed: int = 0) -> WanVAE:
+        """A random Wan VAE with Wan's strides (4, 8, 8) and a few hundred thousand weights; deterministic for a
+        seed. Its latent statistics are identity until `calibrate` measures them."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae = AutoencoderKLWan(
+                base_dim=base_dim,
+                z_dim=z_dim,
+                dim_mult=[1, 2, 2, 2],
+                num_res_blocks=1,
+                latents_mean=[0.0] * z_dim,
+                latents_std=[1.0] * z_dim,
+            )
+        return cls(vae)
+
+    def _encode_raw(self, video: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(video).latent_dist.mode()
+
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z).sample
+
+    def streaming_decoder(self) -> StreamingDecoder:
+        """A decoder that takes a long video's latents chunk by chunk and returns each chunk's frames."""
+        return StreamingDecoder(self)
+
+
+class FrameVAE(VideoAutoencoder):
+    """Frozen image autoencoder (diffusers AutoencoderKL) applied to each frame on its own: temporal stride 1,
+    spatial stride 2 ** (number of down blocks - 1). Its latents are the posterior mode, normalised with the
+    config's latents_mean / latents_std (set by `calibrate`)."""
+
+    @property
+    def z_dim(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def temporal_stride(self) -> int:
+        return 1
+
+    @property
+    def spatial_stride(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> FrameVAE:
+        """Load from a local folder holding an AutoencoderKL (or vae/ with one inside)."""
+        folder = _vae_folder(path)
+        return cls(AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, local_files_only=True))
+
+    @staticmethod
+    def build(
+        z_dim: int, channels: tuple[int, ...], norm_groups: int, layers_per_block: int = 1, seed: int = 0
+    ) -> AutoencoderKL:
+        """A fresh (trainable) AutoencoderKL: len(channels) blocks, so spatial stride 2 ** (len(channels) - 1),
+        no attention; deterministic for a seed. Raises ValueError when norm_groups does not divide a width."""
+        if any(c % norm_groups for c in channels):
+            raise ValueError(f"norm_groups {norm_groups} must divide every channel width {tuple(channels)}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return AutoencoderKL(
+                down_block_types=("DownEncoderBlock2D",) * len(channels),
+                up_block_types=("UpDecoderBlock2D",) * len(channels),
+                block_out_channels=tuple(channels),
+                layers_per_block=layers_per_block,
+                latent_channels=z_dim,
+                norm_num_groups=norm_groups,
+                mid_block_add_attention=False,
+                latents_mean=[0.0] * z_dim,
+                latents_std=[1.0] * z_dim,
+            )
+
+    @staticmethod
+    def _frames(video: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B*T, C, H, W)."""
+        return video.transpose(1, 2).flatten(0, 1)
+
+    @staticmethod
+    def _videos(frames: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B*T, C, H, W) -> (B, C, T, H, W)."""
+        return frames.unflatten(0, (batch, -1)).transpose(1, 2)
+
+    def _encode_raw(self, video: torch.Tensor) -> torch.Tensor:
+        return self._videos(self.vae.encode(self._frames(video)).latent_dist.mode(), video.shape[0])
+
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        return self._videos(self.vae.decode(self._frames(z)).sample, z.shape[0])
+
+    def streaming_decoder(self) -> FrameDecoder:
+        """Chunk-by-chunk decoding; frames decode independently, so it equals one decode of the whole video."""
+        return FrameDecoder(self)
+
+
+class FrameDecoder:
+    """Streaming decoder of a FrameVAE (no state between chunks but the count)."""
+
+    def __init__(self, vae: FrameVAE) -> None:
+        self.vae = vae
+        self.frames_decoded = 0  # latent frames so far
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The next latent frames (B, z_dim, n, H', W') -> their video frames (B, 3, n, H, W) in [-1, 1]."""
+        video = self.vae.decode(latents)
+        self.frames_decoded += latents.shape[2]
+        return video
 
 
 class StreamingDecoder:
