@@ -30,7 +30,7 @@ def test_each_sample_keeps_its_own_chunks_and_padding_never_counts() -> None:
     batch = _batch([12, 3])
     frames, chunks = module._frames(batch)
     assert frames.shape[2] == 12 and chunks.tolist() == [4, 1]  # not cut to the 3-frame sample
-    caption, mask = batch.prompt_embeds[:, 0], batch.prompt_mask[:, 0]
+    caption, mask = batch.prompt_embeds, batch.prompt_mask
     with torch.no_grad():
         loss = module.flow_matching_loss(frames, caption, mask, step=0, sample_chunks=chunks)
         other, _ = module._frames(_batch([12, 3], padding=5.0))

@@ -1,9 +1,17 @@
-"""Flow-matching fine-tuning of the causal backbone on users' video latents (diffusion forcing).
+"""Flow-matching fine-tuning of the backbone on users' video latents.
 
-Each chunk gets its own noise level. The model predicts the flow of the noisy chunk through the
-streaming path, attending to the clean earlier chunks in its KV cache and memory (written by the
-re-run at the context timestep, without grad), so what is trained is exactly what streaming
-generation runs. loss = mean over chunks of MSE(flow_pred, noise - x0).
+attention "streaming" (diffusion forcing, the causal generator): each chunk gets its own noise
+level. The model predicts the flow of the noisy chunk through the streaming path, attending to
+the clean earlier chunks in its KV cache and memory (written by the re-run at the context
+timestep, without grad, and re-encoded at a prompt switch exactly as generation recaches), so
+what is trained is exactly what streaming generation runs.
+attention "bidirectional" (a teacher, as Wan is trained): one noise level per sample, every frame
+attends every other.
+loss = mean over chunks (frames) of MSE(flow_pred, noise - x0).
+
+Prompts: a narrative whose switch frames the data fixes conditions each chunk (streaming: the
+prompt at the chunk's start, as generation does) or frame (bidirectional) with its own prompt;
+otherwise the first prompt conditions everything.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from memflow_train.methods.specs import (
     check_method_numbers,
 )
 from memflow_train.methods.step_log import StepLog
+from memflow_train.models.causal_wan import FramePrompts
+from memflow_train.rollout import PromptSchedule, StreamingGenerator, batch_schedule
 from memflow_train.sampling import FlowMatchSchedule, SampleNoise
 
 
@@ -37,6 +47,7 @@ class LatentBatch(Protocol):
     prompts: list[list[str]]
     latents: torch.Tensor | None  # (B, C, T, H, W)
     num_frames: torch.Tensor  # (B,) real latent frames per sample
+    segment_start: torch.Tensor  # (B, P): latent frame where each prompt starts; -1 = not fixed by the data
     prompt_embeds: torch.Tensor | None  # (B, P, L, D): prompt 0 is the caption
     prompt_mask: torch.Tensor | None
 
@@ -46,6 +57,7 @@ class FlowMatchingFinetune(LightningModule):
         self,
         model: BackboneSpec,
         memory: MemoryConfig = MemoryConfig(),  # noqa: B008 (frozen dataclass)
+        attention: Literal["streaming", "bidirectional"] = "streaming",
         max_frames: int | None = None,
         timestep_shift: float = 5.0,
         timestep_range: tuple[float, float] = (0.0, 1000.0),
@@ -60,7 +72,9 @@ class FlowMatchingFinetune(LightningModule):
         max_skipped_updates: int = 3,
         seed: int = 0,
     ) -> None:
-        """max_frames: latent frames used per sample (whole chunks, from the start); default all.
+        """attention: "streaming" trains the causal generator chunk by chunk with its cache and memory,
+        "bidirectional" a full-attention model (a teacher or critic); memory then only sets the chunk size.
+        max_frames: latent frames used per sample (whole chunks, from the start); default all.
         optimizer.grad_clip is applied by this module; leave the Trainer's gradient clipping off.
         nonfinite: "stop" at the first non-finite loss, or "skip" the step; after more than
         max_skipped_updates skipped steps in a row the run stops."""
@@ -91,6 +105,8 @@ class FlowMatchingFinetune(LightningModule):
         number_range("timestep_range", timestep_range, low=0, high=1000)
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        if attention not in ("streaming", "bidirectional"):
+            raise ValueError(f"attention must be 'streaming' or 'bidirectional', got {attention!r}")
         whole("max_skipped_updates", max_skipped_updates, low=0)
         self.step_log = StepLog(progress_bar=("train/loss",))
         self.skipped_in_a_row = 0
@@ -98,7 +114,10 @@ class FlowMatchingFinetune(LightningModule):
         if max_frames is not None and (max_frames < n or max_frames % n):
             raise ValueError(f"max_frames ({max_frames}) must be a positive multiple of num_frame_per_block ({n})")
         self.memory = memory
+        self.attention = attention
         self.schedule = FlowMatchSchedule(timestep_shift)
+        # Its cache writes and recache are the streaming path's (the denoising steps are not used here).
+        self.writer = StreamingGenerator(self.model, self.schedule, [1000], memory, context_timestep)
         self.ema = ParameterEMA(ema_decay, ema_start_step) if ema_decay is not None else None
 
     def configure_optimizers(self) -> dict:
@@ -121,13 +140,31 @@ class FlowMatchingFinetune(LightningModule):
         if clip is not None:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
-    def _caption(self, batch: LatentBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prompts(self, batch: LatentBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Every prompt's embeddings (B, P, L, D), mask (B, P, L) and the starts (B, P) when the data fixes the
+        switches of several prompts (padding slots moved past any frame), else (caption only, None)."""
         if batch.prompt_embeds is not None:
-            return batch.prompt_embeds[:, 0].to(self.device, self.model.dtype), batch.prompt_mask[:, 0].to(self.device)
-        if self.text_encoder is None:
+            embeds, mask = batch.prompt_embeds, batch.prompt_mask
+        elif self.text_encoder is not None:
+            counts = [len(p) for p in batch.prompts]
+            e, m = self.text_encoder([p for ps in batch.prompts for p in ps], self.device)
+            embeds = e.new_zeros(len(counts), max(counts), *e.shape[1:])
+            mask = m.new_zeros(len(counts), max(counts), m.shape[1])
+            i = 0
+            for b, n in enumerate(counts):
+                embeds[b, :n], mask[b, :n] = e[i : i + n], m[i : i + n]
+                i += n
+        else:
             raise ValueError("the batch has no prompt_embeds and no text_encoder is configured")
-        embeds, mask = self.text_encoder([p[0] for p in batch.prompts], self.device)
-        return embeds.to(self.device, self.model.dtype), mask.to(self.device)
+        embeds, mask = embeds.to(self.device, self.model.dtype), mask.to(self.device)
+        real = mask.any(-1)
+        starts = getattr(batch, "segment_start", None)
+        if starts is None or embeds.shape[1] < 2 or not bool(real[:, 1:].any()):
+            return embeds[:, :1], mask[:, :1], None
+        starts = starts.to(self.device)
+        if bool((real & (starts < 0)).any()):  # switches left to a method: the caption conditions everything
+            return embeds[:, :1], mask[:, :1], None
+        return embeds, mask, torch.where(real, starts, torch.iinfo(torch.long).max)
 
     def _frames(self, batch: LatentBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's latents cut to whole chunks (and max_frames), and each sample's chunk count (B,).
@@ -156,40 +193,74 @@ class FlowMatchingFinetune(LightningModule):
     def flow_matching_loss(
         self,
         x0: torch.Tensor,
-        caption: torch.Tensor,
+        embeds: torch.Tensor,
         mask: torch.Tensor,
         step: int,
         sample_chunks: torch.Tensor | None = None,
+        starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean flow-matching MSE over every (sample, chunk) pair; sample_chunks (B,) limits each sample to
-        its own first chunks (default: all of x0's)."""
+        its own first chunks (default: all of x0's). embeds (B, P, L, D) / mask (B, P, L): the prompts;
+        starts (B, P): where each starts (None: prompt 0 conditions everything)."""
         n = self.memory.num_frame_per_block
         b, chunks = x0.shape[0], x0.shape[2] // n
         rng = SampleNoise(self.hparams.seed, step, "fm", first_index=self.global_rank * b, count=b)
         lo, hi = self.hparams.timestep_range
+        if self.attention == "bidirectional":
+            return self._bidirectional_loss(x0, embeds, mask, starts, rng, sample_chunks)
         t = torch.stack([self.schedule.training_timesteps(rng, lo, hi) for _ in range(chunks)], 1).to(self.device)
         noise = rng.randn(tuple(x0.shape), self.device, x0.dtype)
-        context = self.model.encode_text(caption, mask)
-        cache = self.model.new_kv_cache(self.memory)
+        contexts = [self.model.encode_text(embeds[:, p], mask[:, p]) for p in range(embeds.shape[1])]
+        if starts is None:
+            prompts = PromptSchedule.single(contexts[0])
+        else:
+            prompts = batch_schedule(contexts, starts, mask.any(-1))
+        stream = self.writer.new_stream()
         losses = []
         for c in range(chunks):
+            text = prompts.at(c * n)
+            if c > 0 and prompts.switches_in(c * n - n + 1, c * n + 1):
+                self.writer.recache(stream, text)  # as generation does before the first chunk of a new prompt
             x0_c, noise_c = x0[:, :, c * n : (c + 1) * n], noise[:, :, c * n : (c + 1) * n]
             x_t = self.schedule.add_noise(x0_c, noise_c, t[:, c])
-            flow = self.model.forward_chunk(x_t, t[:, c], context, cache)
+            flow = self.model.forward_chunk(x_t, t[:, c], text, stream.cache)
             losses.append(F.mse_loss(flow.float(), (noise_c - x0_c).float(), reduction="none").mean((1, 2, 3, 4)))
-            with torch.no_grad():
-                ctx_t = torch.full((b,), self.hparams.context_timestep, device=self.device)
-                self.model.forward_chunk(x0_c, ctx_t, context, cache, update_cache=True)
-        per_chunk = torch.stack(losses, 1)  # (B, chunks)
-        if sample_chunks is None:
-            return per_chunk.mean()
-        valid = torch.arange(chunks, device=per_chunk.device)[None] < sample_chunks[:, None]
-        return (per_chunk * valid).sum() / valid.sum()
+            self.writer.write_chunk(stream, x0_c, text, rng)
+        return _mean_over_valid(torch.stack(losses, 1), sample_chunks)
+
+    def _bidirectional_loss(
+        self,
+        x0: torch.Tensor,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        starts: torch.Tensor | None,
+        rng: SampleNoise,
+        sample_chunks: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One timestep per sample over the whole sequence. Samples of different lengths run in separate
+        forwards (one per length), so no sample attends another's padding or is cut to a shorter one."""
+        n = self.memory.num_frame_per_block
+        t = self.schedule.training_timesteps(rng, *self.hparams.timestep_range).to(self.device)
+        noise = rng.randn(tuple(x0.shape), self.device, x0.dtype)
+        x_t = self.schedule.add_noise(x0, noise, t)
+        lengths = torch.full((x0.shape[0],), x0.shape[2] // n, device=self.device)
+        lengths = lengths if sample_chunks is None else sample_chunks
+        per_chunk = x0.new_zeros(x0.shape[0], x0.shape[2] // n, dtype=torch.float32)
+        for length in sorted(set(lengths.tolist())):
+            rows, frames = torch.nonzero(lengths == length).squeeze(1), length * n
+            if starts is None:
+                text = embeds[rows, 0]
+            else:
+                text = FramePrompts.from_segments(embeds[rows], mask[rows], starts[rows], frames)
+            flow = self.model(x_t[rows, :, :frames], t[rows], text)
+            error = F.mse_loss(flow.float(), (noise - x0)[rows, :, :frames].float(), reduction="none")
+            per_chunk[rows, :length] = error.mean((1, 3, 4)).unflatten(1, (length, n)).mean(2)
+        return _mean_over_valid(per_chunk, lengths)
 
     def training_step(self, batch: LatentBatch, batch_idx: int) -> torch.Tensor | None:
-        caption, mask = self._caption(batch)
+        embeds, mask, starts = self._prompts(batch)
         frames, sample_chunks = self._frames(batch)
-        loss = self.flow_matching_loss(frames, caption, mask, self.global_step, sample_chunks)
+        loss = self.flow_matching_loss(frames, embeds, mask, self.global_step, sample_chunks, starts)
         finite = bool(torch.isfinite(loss))
         self.step_log.put("train/skipped_steps", float(not finite))
         if finite:
@@ -213,10 +284,10 @@ class FlowMatchingFinetune(LightningModule):
 
     def validation_step(self, batch: LatentBatch, batch_idx: int) -> None:
         """The loss on a held-out batch; draws keyed by the batch index, so every validation is the same."""
-        caption, mask = self._caption(batch)
+        embeds, mask, starts = self._prompts(batch)
         frames, sample_chunks = self._frames(batch)
         with torch.no_grad():
-            loss = self.flow_matching_loss(frames, caption, mask, -1 - batch_idx, sample_chunks)
+            loss = self.flow_matching_loss(frames, embeds, mask, -1 - batch_idx, sample_chunks, starts)
         self.log("val/loss", loss, sync_dist=True, batch_size=frames.shape[0])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -230,3 +301,11 @@ class FlowMatchingFinetune(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None and "model_ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["model_ema"])
+
+
+def _mean_over_valid(per_chunk: torch.Tensor, sample_chunks: torch.Tensor | None) -> torch.Tensor:
+    """Mean of (B, chunks) losses over each sample's first sample_chunks[b] chunks (all if None)."""
+    if sample_chunks is None:
+        return per_chunk.mean()
+    valid = torch.arange(per_chunk.shape[1], device=per_chunk.device)[None] < sample_chunks[:, None]
+    return (per_chunk * valid).sum() / valid.sum()

@@ -47,8 +47,8 @@ from memflow_train.methods.specs import (
     check_method_numbers,
 )
 from memflow_train.methods.step_log import StepLog
-from memflow_train.models.causal_wan import CausalWanTransformer, TextContext
-from memflow_train.rollout import PromptSchedule, StreamingGenerator
+from memflow_train.models.causal_wan import CausalWanTransformer, FramePrompts, TextContext
+from memflow_train.rollout import PromptSchedule, StreamingGenerator, batch_schedule
 from memflow_train.sampling import FlowMatchSchedule, SampleNoise, seeded
 
 # Wan2.1's default negative prompt (the text its T2V pipeline uses).
@@ -78,6 +78,23 @@ class TextBatch:
     mask: torch.Tensor  # (B, P, L)
     negative: torch.Tensor  # (B, L, D)
     negative_mask: torch.Tensor  # (B, L)
+    segment_start: torch.Tensor | None = None  # (B, P): where each prompt starts; -1 = the method picks
+
+    @property
+    def switches_fixed(self) -> bool:
+        """Several prompts whose switch frames the data fixes: the narrative's prompts condition its frames."""
+        if self.segment_start is None or self.embeds.shape[1] < 2:
+            return False
+        real = self.mask.any(-1)
+        return bool(real[:, 1:].any()) and not bool((real & (self.segment_start < 0)).any())
+
+    def starts(self) -> torch.Tensor:
+        """segment_start with padding slots (no real token) moved past any frame, so they never take effect."""
+        return torch.where(self.mask.any(-1), self.segment_start, torch.iinfo(torch.long).max)
+
+    def frame_prompts(self, frames: int, offset: int = 0) -> FramePrompts:
+        """The narrative's prompt of every frame offset .. offset + frames - 1 (needs switches_fixed)."""
+        return FramePrompts.from_segments(self.embeds, self.mask, self.starts(), frames, offset)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -259,22 +276,33 @@ class SelfForcingDMD(LightningModule):
             negative, negative_mask = n.expand(embeds.shape[0], -1, -1), nm.expand(embeds.shape[0], -1)
         else:
             raise ValueError("the batch has no negative_embeds and no text_encoder is configured")
+        segment_start = getattr(batch, "segment_start", None)
         return TextBatch(
             embeds.to(self.device, dtype),
             mask.to(self.device),
             negative.to(self.device, dtype),
             negative_mask.to(self.device),
+            segment_start.to(self.device) if segment_start is not None else None,
         )
 
     def _context(self, model: CausalWanTransformer, embeds: torch.Tensor, mask: torch.Tensor) -> TextContext:
         return model.encode_text(embeds.to(model.dtype), mask)
 
     def _predict_x0(
-        self, model: CausalWanTransformer, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor | TextContext
+        self,
+        model: CausalWanTransformer,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor | TextContext | FramePrompts,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Bidirectional flow prediction and its x0 estimate, in float32."""
         flow = model(x_t.to(model.dtype), t, text if isinstance(text, TextContext) else text.to(model.dtype)).float()
         return flow, self.schedule.x0_from_flow(x_t.float(), flow, t)
+
+    def condition(self, texts: TextBatch, frames: int) -> torch.Tensor | FramePrompts:
+        """What conditions the teacher and critic on a rollout of `frames` frames from frame 0: the narrative's
+        prompt per frame when the data fixes its switches, else prompt 0."""
+        return texts.frame_prompts(frames) if texts.switches_fixed else texts.embeds[:, 0]
 
     def _draw_exit_steps(self, chunks: int, generator: torch.Generator) -> list[int]:
         steps = len(self.sampler.timesteps)
@@ -298,7 +326,8 @@ class SelfForcingDMD(LightningModule):
     # ------------------------------------------------------------------------------------ rollout + losses
 
     def rollout(self, texts: TextBatch, step: int, purpose: str, grad: bool) -> torch.Tensor:
-        """Generate num_frames latent frames from noise with the generator's own cache (prompt 0)."""
+        """Generate num_frames latent frames from noise with the generator's own cache: the narrative's
+        prompts at their switch frames (recache at each switch) when the data fixes them, else prompt 0."""
         b = texts.embeds.shape[0]
         c = self.generator.config.in_channels
         noise_rng = self._sample_noise(step, purpose + "/noise", b)
@@ -307,29 +336,38 @@ class SelfForcingDMD(LightningModule):
         exit_steps = self._draw_exit_steps(chunks, self._shared_rng(step, purpose + "/exit"))
         self.last_exit_steps = exit_steps
         with torch.set_grad_enabled(grad):
-            context = self._context(self.generator, texts.embeds[:, 0], texts.mask[:, 0])
+            if texts.switches_fixed:
+                slots = range(texts.embeds.shape[1])
+                contexts = [self._context(self.generator, texts.embeds[:, p], texts.mask[:, p]) for p in slots]
+                prompts = batch_schedule(contexts, texts.segment_start, texts.mask.any(-1))
+            else:
+                prompts = PromptSchedule.single(self._context(self.generator, texts.embeds[:, 0], texts.mask[:, 0]))
         stream = self.sampler.new_stream()
-        return self.sampler.rollout(
-            stream, noise, PromptSchedule.single(context), exit_steps, 0 if grad else None, noise_rng
-        ).float()
+        return self.sampler.rollout(stream, noise, prompts, exit_steps, 0 if grad else None, noise_rng).float()
 
     def distribution_matching_loss(
-        self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, step: int, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor | FramePrompts,
+        uncond: torch.Tensor,
+        step: int,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """DMD loss of generated latents x (with graph) under prompt embeddings cond / negative uncond."""
+        """DMD loss of generated latents x (with graph) under prompt embeddings cond (B, L, D) or a prompt per
+        frame, against the negative uncond (B, L, D)."""
         rng = self._sample_noise(step, "dmd", x.shape[0])
         t = self.schedule.training_timesteps(rng, *self.hparams.score_timestep_range).to(self.device)
         x_t = self.schedule.add_noise(x.detach(), rng.randn(tuple(x.shape), self.device, x.dtype), t)
         with torch.no_grad():
             _, fake_x0 = self._predict_x0(self.critic, x_t, t, cond)
             _, real = self._predict_x0(
-                self.teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond.to(cond.dtype)])
+                self.teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), _with_negative(cond, uncond)
             )
             real_x0 = guided(*real.chunk(2), self.hparams.guidance_scale)
         grad = dmd_gradient(x, fake_x0, real_x0)
         return dmd_loss(x, grad, mask), {"dmd_grad_abs": grad.abs().mean().float(), "dmd_t": t.float().mean()}
 
-    def critic_loss(self, x: torch.Tensor, cond: torch.Tensor, step: int) -> torch.Tensor:
+    def critic_loss(self, x: torch.Tensor, cond: torch.Tensor | FramePrompts, step: int) -> torch.Tensor:
         """Flow-matching loss of the critic on generated latents x (no graph into the generator)."""
         rng = self._sample_noise(step, "critic", x.shape[0])
         t = self.schedule.training_timesteps(rng, *self.hparams.score_timestep_range).to(self.device)
@@ -340,7 +378,7 @@ class SelfForcingDMD(LightningModule):
 
     def generator_loss(self, texts: TextBatch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = self.rollout(texts, step, "generator", grad=True)
-        return self.distribution_matching_loss(x, texts.embeds[:, 0], texts.negative, step)
+        return self.distribution_matching_loss(x, self.condition(texts, x.shape[2]), texts.negative, step)
 
     def critic_samples(self, texts: TextBatch, step: int) -> torch.Tensor:
         with torch.no_grad():
@@ -356,19 +394,22 @@ class SelfForcingDMD(LightningModule):
             losses["generator"], logs = self.generator_loss(texts, step)
             for k, v in logs.items():
                 self.step_log.put(f"train/{k}", v)
-        losses["critic"] = self.critic_loss(self.critic_samples(texts, step), texts.embeds[:, 0], step)
+        losses["critic"] = self.critic_loss(
+            self.critic_samples(texts, step), self.condition(texts, self.num_frames), step
+        )
         self.update_networks(losses, step)
         self.step_log.flush(self)
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        """Both losses on a held-out batch, without updates: a fresh rollout (prompt 0) per batch, its draws
-        keyed by the batch index (negative "steps", disjoint from training's) so every validation is the same."""
+        """Both losses on a held-out batch, without updates: a fresh rollout per batch, its draws keyed by the
+        batch index (negative "steps", disjoint from training's) so every validation is the same."""
         key = -1 - batch_idx
         texts = self._texts(batch)
         with torch.no_grad():
             x = self.rollout(texts, key, "val", grad=False)
-            generator_loss, _ = self.distribution_matching_loss(x, texts.embeds[:, 0], texts.negative, key)
-            critic_loss = self.critic_loss(x, texts.embeds[:, 0], key)
+            cond = self.condition(texts, x.shape[2])
+            generator_loss, _ = self.distribution_matching_loss(x, cond, texts.negative, key)
+            critic_loss = self.critic_loss(x, cond, key)
         b = x.shape[0]
         self.log("val/generator_loss", generator_loss.float(), sync_dist=True, batch_size=b)
         self.log("val/critic_loss", critic_loss.float(), sync_dist=True, batch_size=b)
@@ -447,6 +488,16 @@ class SelfForcingDMD(LightningModule):
         if self.ema is not None and "generator_ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["generator_ema"])
         self.skipped_in_a_row.update(checkpoint.get("skipped_in_a_row", {}))
+
+
+def _with_negative(cond: torch.Tensor | FramePrompts, negative: torch.Tensor) -> torch.Tensor | FramePrompts:
+    """The conditional and unconditional texts as one batch (cond first), for one guided teacher call."""
+    if isinstance(cond, FramePrompts):
+        ones = torch.ones(negative.shape[:2], dtype=torch.bool, device=negative.device)
+        return FramePrompts.cat(
+            [cond, FramePrompts.single(negative.to(cond.embeds.dtype), ones, cond.frame_prompt.shape[1])]
+        )
+    return torch.cat([cond, negative.to(cond.dtype)])
 
 
 def _as_tuple(value: Any) -> tuple:

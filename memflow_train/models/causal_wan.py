@@ -9,6 +9,10 @@ patterns over the same weights:
 - bidirectional full sequence (teacher, critic),
 - block-causal full sequence with sink + local window (generator training without cache),
 - streaming: one chunk at a time against a per-layer KV cache (generation, self-forcing).
+
+Full-sequence forwards take one prompt per sample, or several with the prompt of every frame
+(`FramePrompts`: a narrative whose prompt switches inside the sequence); each frame's queries
+cross-attend to its own prompt.
 """
 
 from __future__ import annotations
@@ -52,6 +56,85 @@ class TextContext:
     def layer(self, i: int) -> TextKeys:
         return TextKeys(self.keys[i], self.mask)
 
+    def for_layer(self, i: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention K/V (B, H, L, D) of layer i, shared by every frame."""
+        return self.keys[i], self.values[i]
+
+
+@dataclass
+class FramePrompts:
+    """Text encoder states of several prompts per sample and the prompt conditioning each frame.
+
+    embeds (B, P, L, text_dim), mask (B, P, L) (real tokens), frame_prompt (B, F) long in [0, P): the prompt
+    slot of every frame of the sequence the forward sees."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    frame_prompt: torch.Tensor
+
+    def __post_init__(self) -> None:
+        b, p = self.embeds.shape[:2]
+        if self.mask.shape != self.embeds.shape[:3] or self.frame_prompt.ndim != 2 or self.frame_prompt.shape[0] != b:
+            raise ValueError(
+                f"FramePrompts: embeds (B, P, L, D) {tuple(self.embeds.shape)}, mask (B, P, L) "
+                f"{tuple(self.mask.shape)} and frame_prompt (B, F) {tuple(self.frame_prompt.shape)} do not agree"
+            )
+        if self.frame_prompt.numel() and not 0 <= int(self.frame_prompt.min()) <= int(self.frame_prompt.max()) < p:
+            raise ValueError(f"frame_prompt holds slots outside [0, {p})")
+
+    @classmethod
+    def from_segments(
+        cls, embeds: torch.Tensor, mask: torch.Tensor, segment_start: torch.Tensor, frames: int, offset: int = 0
+    ) -> FramePrompts:
+        """Prompt p conditions the frames from segment_start[:, p] (B, P) on, for absolute frames
+        offset .. offset + frames - 1. Raises ValueError when a start is negative (not fixed by the data)."""
+        if bool((segment_start < 0).any()):
+            raise ValueError("per-frame prompts need every switch frame fixed (got -1)")
+        absolute = torch.arange(offset, offset + frames, device=segment_start.device)
+        frame_prompt = (segment_start[:, None, :] <= absolute[None, :, None]).sum(-1) - 1
+        return cls(embeds, mask, frame_prompt.clamp_min(0))
+
+    @classmethod
+    def single(cls, embeds: torch.Tensor, mask: torch.Tensor, frames: int) -> FramePrompts:
+        """One prompt (B, L, D) for every frame."""
+        zeros = torch.zeros(embeds.shape[0], frames, dtype=torch.long, device=embeds.device)
+        return cls(embeds[:, None], mask[:, None], zeros)
+
+    def to(self, dtype: torch.dtype) -> FramePrompts:
+        return FramePrompts(self.embeds.to(dtype), self.mask, self.frame_prompt)
+
+    @staticmethod
+    def cat(parts: list[FramePrompts]) -> FramePrompts:
+        """Along the batch; prompt slots padded to the most (padding slots are never selected)."""
+        p = max(x.embeds.shape[1] for x in parts)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros((t.shape[0], p - t.shape[1], *t.shape[2:]))], 1)
+
+        return FramePrompts(
+            torch.cat([pad(x.embeds) for x in parts]),
+            torch.cat([pad(x.mask) for x in parts]),
+            torch.cat([x.frame_prompt for x in parts]),
+        )
+
+
+@dataclass
+class PromptTrack:
+    """Encoded FramePrompts: per layer the K/V of every prompt slot (B, P, H, L, D) and each frame's slot."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    frame_prompt: torch.Tensor  # (B, F)
+
+    def for_layer(self, i: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention K/V per frame (B, F, H, L, D) of layer i; a single slot gives (B, H, L, D)."""
+        if self.frame_prompt.shape[1] != frames:
+            raise ValueError(f"frame_prompt covers {self.frame_prompt.shape[1]} frames, the input has {frames}")
+        if self.keys[i].shape[1] == 1:
+            return self.keys[i][:, 0], self.values[i][:, 0]
+        rows = torch.arange(self.frame_prompt.shape[0], device=self.frame_prompt.device)[:, None]
+        return self.keys[i][rows, self.frame_prompt], self.values[i][rows, self.frame_prompt]
+
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, S, H*D) -> (B, H, S, D)."""
@@ -94,7 +177,8 @@ class CausalWanBlock(torch.nn.Module):
         sin: torch.Tensor,
         attend: SelfAttend,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (B, F*T, D); e: (B, F, 6, D) modulation. Returns x and this call's post-RoPE self-attn K, V."""
+        """x: (B, F*T, D); e: (B, F, 6, D) modulation; text_k / text_v: (B, H, L, D), or (B, F, H, L, D) for a
+        prompt per frame. Returns x and this call's post-RoPE self-attn K, V."""
         frames = e.shape[1]
         mod = (self.scale_shift_table.unsqueeze(0) + e.float()).unsqueeze(3)  # (B, F, 6, 1, D)
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = mod.unbind(2)
@@ -113,7 +197,13 @@ class CausalWanBlock(torch.nn.Module):
         h = self.norm2(x.float()).type_as(x)
         c = self.attn2
         q = _heads(c.norm_q(c.to_q(h)), self.heads)
-        out = sdpa_attention(q, text_k, text_v).transpose(1, 2).flatten(2).type_as(q)
+        if text_k.ndim == 5:  # a prompt per frame (B, F, H, L, D): each frame's queries attend their own
+            qf = q.unflatten(2, (frames, -1)).transpose(1, 2).flatten(0, 1)  # (B*F, H, T, D)
+            out = sdpa_attention(qf, text_k.flatten(0, 1), text_v.flatten(0, 1))
+            out = out.unflatten(0, (x.shape[0], frames)).transpose(1, 2).flatten(2, 3)  # (B, H, F*T, D)
+        else:
+            out = sdpa_attention(q, text_k, text_v)
+        out = out.transpose(1, 2).flatten(2).type_as(q)
         x = x + c.to_out[1](c.to_out[0](out))
 
         # 3. Feed-forward.
@@ -197,8 +287,19 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         kv = [block.text_kv(context) for block in self.blocks]
         return TextContext([k for k, _ in kv], [v for _, v in kv], mask)
 
-    def _as_text(self, text: torch.Tensor | TextContext) -> TextContext:
-        return text if isinstance(text, TextContext) else self.encode_text(text)
+    def encode_prompts(self, prompts: FramePrompts) -> PromptTrack:
+        """Per-layer cross-attention K/V of every prompt slot, and each frame's slot."""
+        b, p = prompts.embeds.shape[:2]
+        flat = self.encode_text(prompts.embeds.flatten(0, 1), prompts.mask.flatten(0, 1))
+        keys = [k.unflatten(0, (b, p)) for k in flat.keys]
+        return PromptTrack(keys, [v.unflatten(0, (b, p)) for v in flat.values], prompts.frame_prompt)
+
+    def _as_text(self, text: torch.Tensor | TextContext | FramePrompts | PromptTrack) -> TextContext | PromptTrack:
+        if isinstance(text, TextContext | PromptTrack):
+            return text
+        if isinstance(text, FramePrompts):
+            return self.encode_prompts(text)
+        return self.encode_text(text)
 
     def _time_embedding(self, timestep: torch.Tensor, batch: int, frames: int, dtype: torch.dtype):
         """Per-frame temb (B, F, D) and block modulation (B, F, 6, D) from timesteps (B,) or (B, F)."""
@@ -241,7 +342,7 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         self,
         hidden_states: torch.Tensor,
         timestep: torch.Tensor,
-        text: TextContext,
+        text: TextContext | PromptTrack,
         frame_offset: int,
         make_attend: Callable[[int, int, int], SelfAttend],
         on_layer_kv: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
@@ -254,7 +355,7 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         cos, sin = self.rope(frames, h, w)
         for i, block in enumerate(self.blocks):
             attend = make_attend(i, f, h * w)
-            args = (x, e, text.keys[i], text.values[i], cos, sin, attend)
+            args = (x, e, *text.for_layer(i, f), cos, sin, attend)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, k, v = checkpoint(block, *args, use_reentrant=False)
             else:
@@ -269,7 +370,7 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         self,
         hidden_states: torch.Tensor,
         timestep: torch.Tensor,
-        text: torch.Tensor | TextContext,
+        text: torch.Tensor | TextContext | FramePrompts | PromptTrack,
         window: AttentionWindow | None = None,
         frame_offset: int | None = None,
         cache: StreamingKVCache | None = None,
@@ -284,11 +385,16 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         exactly what streaming the same frames would see. frame_offset (default 0) is the
         absolute index of the first frame (RoPE position and chunk grid).
 
+        text: one prompt per sample (encoder states (B, L, text_dim) or a TextContext), or a prompt per
+        frame (FramePrompts / PromptTrack; full-sequence forwards only).
+
         Streaming (cache given): see forward_chunk.
         """
         text = self._as_text(text)
         attn = get_attention_backend(self.attention_backend)
         if cache is not None:
+            if isinstance(text, PromptTrack):
+                raise ValueError("streaming takes one prompt per chunk (a TextContext), not a prompt per frame")
             if window is not None:
                 raise ValueError("streaming takes its window from the cache; pass window or cache, not both")
             return self._streaming(hidden_states, timestep, text, cache, frame_offset, update_cache, write_from, attn)
