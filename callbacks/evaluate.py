@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     evaluator = Evaluator(args.protocol, args.videos, args.video_fps)
     with torch.no_grad():
         shard = evaluator.run_shard(pipeline)
+    for model in (text, *evaluator.models()):
+        if hasattr(model, "truncation_summary"):  # the count of cut prompts not named one by one
+            model.truncation_summary()
     source = {"checkpoint": args.checkpoint, "checkpoint_key": args.checkpoint_key or "default (EMA generator)"}
     report, videos = assemble(evaluator.protocol_info(pipeline), source, evaluator.compute(), [shard])
     write_report(args.out, report, videos)

@@ -197,6 +197,8 @@ class LongVideoEvaluation(L.Callback):
         for model in (self._text_encoder, self._vae, *evaluator.models()):
             if model is not None:
                 model.to("cpu")
+            if hasattr(model, "truncation_summary"):  # the count of cut prompts not named one by one
+                model.truncation_summary()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

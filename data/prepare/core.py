@@ -166,6 +166,8 @@ def prepare(
     finally:
         bar.close()
     urls = sink.close(end_item=seen)
+    if encoders.text is not None:
+        encoders.text.truncation_summary()
     if skipped:
         warnings.warn(f"{skipped} source items were skipped (see the warnings above)", stacklevel=2)
     if not sink.state["shards"]:

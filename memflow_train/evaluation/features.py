@@ -31,7 +31,7 @@ from transformers import (
 from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from memflow_train.methods.specs import torch_dtype
-from memflow_train.models.text_encoder import WanTextEncoder
+from memflow_train.models.text_encoder import TruncationNotes, WanTextEncoder
 
 TINY_IMAGE_SIZE = 32
 
@@ -114,22 +114,32 @@ class ClipFeatures(ImageFeatureModel):
     ) -> None:
         super().__init__(model, preprocess, batch_size)
         self.tokenizer = tokenizer
+        self.truncations = TruncationNotes()
 
     def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values=pixels).pooler_output
 
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> torch.Tensor:
-        """Unit-norm text embeddings (P, D); prompts are truncated to CLIP's context (77 tokens)."""
+        """Unit-norm text embeddings (P, D); prompts are truncated to CLIP's context (77 tokens), with a
+        PromptTruncatedWarning once per prompt that is cut."""
+        context = self.model.config.text_config.max_position_embeddings
+        full = self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
+        for prompt, ids in zip(prompts, full, strict=True):
+            self.truncations.check(prompt, len(ids), context, f"CLIP's context of {context} tokens", stacklevel=3)
         tokens = self.tokenizer(
             prompts,
             padding=True,
             truncation=True,
-            max_length=self.model.config.text_config.max_position_embeddings,
+            max_length=context,
             return_tensors="pt",
         ).to(self.device)
         out = self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
         return F.normalize(out.pooler_output.float(), dim=-1).cpu()
+
+    def truncation_summary(self) -> None:
+        """Warn how many more prompts were cut than the warnings named one by one (call after a run)."""
+        self.truncations.summary()
 
 
 @dataclass(frozen=True)

@@ -241,4 +241,5 @@ def main(argv: list[str] | None = None) -> list[GenerationStats]:
             f"end-to-end {stats.end_to_end_fps:.2f} FPS"
         )
         results.append(stats)
+    pipeline.text_encoder.truncation_summary()
     return results

@@ -21,6 +21,44 @@ class PromptTruncatedWarning(UserWarning):
     """A prompt has more tokens than text_len; the encoder sees its first text_len tokens."""
 
 
+class TruncationNotes:
+    """Warns about prompts cut to a token limit: once per prompt for the first `shown` prompts, then counts
+    the others, so a file of many long prompts does not flood the output; `summary()` reports the count."""
+
+    def __init__(self, shown: int = 5) -> None:
+        self.shown = shown
+        self._seen: set[str] = set()
+        self.hidden = 0
+        self._limit = ""
+
+    def check(self, prompt: str, tokens: int, max_tokens: int, limit: str, stacklevel: int = 2) -> None:
+        """Note `prompt` (of `tokens` tokens) if it exceeds max_tokens; `limit` names the limit for the message."""
+        if tokens <= max_tokens or prompt in self._seen:
+            return
+        self._seen.add(prompt)
+        if len(self._seen) > self.shown:
+            self.hidden += 1
+            self._limit = limit
+            return
+        shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        more = " (further cut prompts are counted, not shown)" if len(self._seen) == self.shown else ""
+        warnings.warn(
+            f"prompt of {tokens} tokens cut to {limit}: {shown!r}{more}",
+            PromptTruncatedWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+    def summary(self) -> None:
+        """One warning with the number of cut prompts not shown one by one (none if there were none)."""
+        if self.hidden:
+            warnings.warn(
+                f"{self.hidden} more prompts cut to {self._limit} (the first {self.shown} were named above)",
+                PromptTruncatedWarning,
+                stacklevel=2,
+            )
+            self.hidden = 0
+
+
 class WanTextEncoder(torch.nn.Module):
     """Frozen UMT5 encoder returning Wan-style (B, text_len, d_model) embeddings and a (B, text_len) mask."""
 
@@ -28,7 +66,7 @@ class WanTextEncoder(torch.nn.Module):
         super().__init__()
         if text_len < 1:
             raise ValueError(f"text_len must be positive, got {text_len}")
-        self._warned: set[str] = set()
+        self.truncations = TruncationNotes()
         self.encoder = encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.text_len = text_len
@@ -124,17 +162,15 @@ class WanTextEncoder(torch.nn.Module):
         return torch.cat(embeds), torch.cat(masks)
 
     def _warn_truncated(self, prompts: list[str]) -> None:
-        """Warn once per prompt that has more tokens than text_len (they are cut, as Wan cuts them)."""
+        """Warn once per prompt that has more tokens than text_len (they are cut, as Wan cuts them); past the
+        first few, cut prompts are counted for truncation_summary()."""
         ids = self.tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         for prompt, tokens in zip(prompts, ids, strict=True):
-            if len(tokens) > self.text_len and prompt not in self._warned:
-                self._warned.add(prompt)
-                shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-                warnings.warn(
-                    f"prompt of {len(tokens)} tokens cut to text_len={self.text_len}: {shown!r}",
-                    PromptTruncatedWarning,
-                    stacklevel=4,
-                )
+            self.truncations.check(prompt, len(tokens), self.text_len, f"text_len={self.text_len}", stacklevel=4)
+
+    def truncation_summary(self) -> None:
+        """Warn how many more prompts were cut than the warnings named one by one (call at the end of a run)."""
+        self.truncations.summary()
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         self._warn_truncated(prompts)
