@@ -180,6 +180,28 @@ def permanence_narrative(
     return Narrative(subjects, tuple(segments), rng.randrange(2**31))
 
 
+def vocabulary() -> list[str]:
+    """Every word and punctuation mark a caption can hold (lower case), for a word-level tokenizer."""
+    pieces = [*SHAPES, *COLOURS, *SCENES, *(v for pair in VERBS for v in pair)]
+    pieces += ["a", "the", "and", "comes", "come", "back", "is", "empty", ".", ","]
+    return sorted({word for piece in pieces for word in piece.lower().split()})
+
+
+def window(narrative: Narrative, start: int, frames: int) -> Narrative:
+    """Latent frames [start, start + frames) of a narrative as a narrative of its own: the segments overlapping
+    them, cut to the window (each keeps its caption). Its motion is the original's at those frames only through
+    `render(..., span=(start, frames))` of the original. Raises ValueError for a window outside the narrative."""
+    if start < 0 or frames < 1 or start + frames > narrative.num_frames:
+        raise ValueError(f"window [{start}, {start + frames}) outside the narrative's {narrative.num_frames} frames")
+    segments, first = [], 0
+    for seg in narrative.segments:
+        a, b = max(first, start), min(first + seg.frames, start + frames)
+        if a < b:
+            segments.append(Segment(seg.scene, seg.subjects, b - a, seg.returning))
+        first += seg.frames
+    return Narrative(narrative.subjects, tuple(segments), narrative.seed)
+
+
 # ------------------------------------------------------------------------------------------ rendering
 
 
@@ -203,13 +225,36 @@ def latent_frame(frame: int, temporal_stride: int) -> int:
 
 
 def render(
-    narrative: Narrative, height: int, width: int, temporal_stride: int = 4
+    narrative: Narrative, height: int, width: int, temporal_stride: int = 4, span: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Video uint8 (1 + stride*(N-1), H, W, 3) for N latent frames, and per video frame its annotation:
     frame, latent_frame, segment, scene and the visible subjects with their centre (x, y as fractions).
 
     Subject i of n moves in its own lane, the i-th of n horizontal bands, bouncing off the lane's and the
-    frame's edges, so subjects never overlap and each one's outline can be read back whole."""
+    frame's edges, so subjects never overlap and each one's outline can be read back whole.
+
+    span (start, frames): only latent frames [start, start + frames), as `window(narrative, start, frames)`
+    would be shown inside the whole video (needs temporal stride 1, where a latent frame is a video frame);
+    frame, latent_frame and segment count from the window's start."""
+    if span is not None:
+        if temporal_stride != 1:
+            raise ValueError(
+                f"a span of latent frames is a span of video frames only at temporal stride 1, got {temporal_stride}"
+            )
+        start, count = span
+        window(narrative, start, count)  # checks the span
+        video, notes = render(window(narrative, 0, start + count), height, width, 1)
+        first = len(narrative.segments) - len(window(narrative, start, narrative.num_frames - start).segments)
+        shifted = [
+            {
+                **n,
+                "frame": n["frame"] - start,
+                "latent_frame": n["latent_frame"] - start,
+                "segment": n["segment"] - first,
+            }
+            for n in notes[start:]
+        ]
+        return video[start:], shifted
     frames = 1 + temporal_stride * (narrative.num_frames - 1)
     starts = [0, *narrative.switch_frames]
     n = len(narrative.subjects)

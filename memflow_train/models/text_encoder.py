@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 from transformers.utils import logging as hf_logging
 
@@ -107,15 +107,34 @@ class WanTextEncoder(torch.nn.Module):
 
     @classmethod
     def tiny(
-        cls, d_model: int = 16, text_len: int = 32, num_layers: int = 2, num_heads: int = 2, seed: int = 0
+        cls,
+        d_model: int = 16,
+        text_len: int = 32,
+        num_layers: int = 2,
+        num_heads: int = 2,
+        seed: int = 0,
+        vocabulary: Sequence[str] | None = None,
     ) -> WanTextEncoder:
-        """A random UMT5 with a byte-level tokenizer built offline: deterministic for a seed, for tests and the
-        demo. Every string tokenizes (one token per UTF-8 byte), so any prompt set works."""
-        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-        vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *alphabet])}
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
+        """A random UMT5 with a tokenizer built offline: deterministic for a seed, for tests and the demo.
+
+        Without a vocabulary the tokenizer is byte-level: every string tokenizes (one token per UTF-8 byte), so
+        any prompt set works. With one (words, e.g. a synthetic world's) it is word-level: lower-cased words and
+        punctuation marks are tokens, anything else <unk>. Raises ValueError for an empty vocabulary."""
+        if vocabulary is None:
+            alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+            vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *alphabet])}
+            tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+        else:
+            words = sorted({w.lower() for w in vocabulary})
+            if not words:
+                raise ValueError("the vocabulary of a word-level tokenizer needs at least one word")
+            vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *words])}
+            tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+            tok.normalizer = normalizers.Lowercase()
+            tok.pre_tokenizer = pre_tokenizers.Whitespace()
+            tok.decoder = decoders.WordPiece()
         tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
