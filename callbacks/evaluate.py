@@ -30,6 +30,7 @@ from jsonargparse import ArgumentParser, DefaultHelpFormatter
 from callbacks.long_video.protocol import EvalProtocol, Evaluator
 from callbacks.long_video.report import assemble, write_report
 from data.synthetic.demo import DemoSpec, demo_dataset
+from memflow_train.checks import frame_rate, whole
 from memflow_train.errors import run_command
 from memflow_train.generation.build import (
     Recipe,
@@ -65,9 +66,24 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--latent_size", type=tuple[int, int] | None, default=None, help="default: the recipe's")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", type=str | None, default=None, help="transformer and text encoder dtype")
-    p.add_argument("--videos", type=int, default=2, help="narratives whose mp4 is written")
-    p.add_argument("--video_fps", type=int, default=16)
+    p.add_argument("--videos", type=int, default=2, help="narratives whose mp4 is written (0: none)")
+    p.add_argument("--video_fps", type=float, default=16.0, help="frame rate of the written mp4s (stored exactly)")
     return p
+
+
+def check_args(args: Any) -> None:
+    """Refuse option values that cannot be honoured exactly (none is replaced by a default), before any model
+    loads."""
+    if args.text_len is not None:
+        whole("--text_len", args.text_len, low=1)
+    whole("--videos", args.videos, low=0)
+    frame_rate("--video_fps", args.video_fps)
+    if args.latent_size is not None:
+        for side in args.latent_size:
+            whole("--latent_size", side, low=1)
+    if args.demo_models and (args.text_encoder is not None or args.vae is not None):
+        given = " and ".join(f for f, v in (("--text_encoder", args.text_encoder), ("--vae", args.vae)) if v)
+        raise ValueError(f"--demo_models true takes the demo dataset's text encoder and VAE: drop {given} or it")
 
 
 def config_protocol(path: str) -> dict[str, Any] | None:
@@ -86,13 +102,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if first.config is not None and (protocol := config_protocol(first.config)) is not None:
         argv = ["--protocol", json.dumps(protocol), *argv]  # flags given after it still win
     args = parser.instantiate(parser.parse_args(argv))
+    check_args(args)
     recipe = recipe_from_config(args.config) if args.config else recipe_from_checkpoint(args.checkpoint) or Recipe()
     device = torch.device(args.device)
     dtype = parse_dtype(args.dtype, "bfloat16" if device.type == "cuda" else "float32")
     text_path, text_len = args.text_encoder, args.text_len
     if args.demo_models:
-        text_path = text_path or str(demo_dataset(DemoSpec()).root)
-        text_len = text_len or DemoSpec().text_len
+        text_path = str(demo_dataset(DemoSpec()).root)
+        text_len = DemoSpec().text_len if text_len is None else text_len
     spec = recipe.generator if args.config is not None else None
     model = load_generator(spec, args.checkpoint, args.checkpoint_key, dtype, device)
     text = load_text_encoder(recipe, text_path, None, text_len, dtype, device)

@@ -9,17 +9,21 @@ import av
 import numpy as np
 import torch
 
+from memflow_train.checks import frame_rate
+
 
 def encode_mp4(frames: torch.Tensor | np.ndarray, fps: float = 16.0, crf: int = 18) -> bytes:
-    """H.264 (yuv420p) mp4 bytes of uint8 RGB frames (T, H, W, 3); H and W must be even."""
+    """H.264 (yuv420p) mp4 bytes of uint8 RGB frames (T, H, W, 3); H and W must be even; fps is stored exactly
+    (a rate no small fraction equals, or one <= 0, is refused)."""
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames (T, H, W, 3), got {frames.dtype} {frames.shape}")
     if frames.shape[1] % 2 or frames.shape[2] % 2:
         raise ValueError(f"H.264 needs an even frame size, got {frames.shape[2]}x{frames.shape[1]}")
+    rate = frame_rate("fps", fps)
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=round(fps))
+        stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"crf": str(crf)}
         for frame in frames:

@@ -7,6 +7,7 @@ silent truncation of 2.7 or of a bool), so NaN and inf from YAML (`.nan`, `.inf`
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 
@@ -54,3 +55,19 @@ def number_range(name: str, pair: Any, *, low: float, high: float) -> tuple[floa
     if not a < b:
         raise ValueError(f"{name} must satisfy {low} <= low < high <= {high}, got {list(pair)}")
     return a, b
+
+
+MAX_RATE_DENOMINATOR = 1001  # NTSC's 30000/1001; every rate a video container is asked for in practice
+
+
+def frame_rate(name: str, fps: Any) -> Fraction:
+    """fps as the exact fraction a video container stores (12.5 -> 25/2, 29.97 -> 2997/100); a rate that is
+    not positive and finite, or that no fraction with a denominator up to 1001 equals, is refused, named."""
+    value = number(name, fps, low=0, low_open=True)
+    rate = Fraction(value).limit_denominator(MAX_RATE_DENOMINATOR)
+    if rate <= 0 or float(rate) != value:
+        raise ValueError(
+            f"{name} {fps} cannot be stored exactly as a video frame rate (a fraction with a denominator up to "
+            f"{MAX_RATE_DENOMINATOR}); the nearest is {rate} = {float(rate):g}"
+        )
+    return rate

@@ -31,6 +31,7 @@ from callbacks.long_video.protocol import EvalProtocol, Evaluator, ShardResult
 from callbacks.long_video.report import assemble, log_to, write_report
 from data.synthetic.datamodule import DemoDataModule
 from data.synthetic.demo import demo_dataset
+from memflow_train.checks import frame_rate, whole
 from memflow_train.generation.pipeline import StreamingVideoPipeline
 from memflow_train.methods.specs import TextEncoderSpec, torch_dtype
 from memflow_train.models.text_encoder import WanTextEncoder
@@ -52,7 +53,7 @@ class LongVideoEvaluation(L.Callback):
         latent_size: tuple[int, int] | None = None,
         denoising_steps: tuple[int, ...] | None = None,
         videos: int = 2,
-        video_fps: int = 16,
+        video_fps: float = 16.0,
         output_dir: str | None = None,
     ) -> None:
         """every_n_steps: evaluate after every N training steps (0: only in `validate`).
@@ -60,8 +61,16 @@ class LongVideoEvaluation(L.Callback):
         method's own text encoder, else the demo dataset's tiny models when training on it.
         latent_size / denoising_steps: for methods that do not define them (flow-matching fine-tuning).
         videos: how many narratives' mp4s are logged; output_dir: default <log dir>/long_video_eval."""
-        if every_n_steps < 0:
-            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        whole("every_n_steps", every_n_steps, low=0)
+        whole("videos", videos, low=0)
+        frame_rate("video_fps", video_fps)  # stored exactly in the mp4s
+        for side in latent_size or ():
+            whole("latent_size", side, low=1)
+        if latent_size is not None and len(latent_size) != 2:
+            raise ValueError(f"latent_size must be (height, width), got {latent_size}")
+        for step in denoising_steps or ():
+            whole("denoising_steps", step, low=1, high=1000)
+        torch_dtype(vae_dtype)
         self.protocol = protocol
         self.every_n_steps = every_n_steps
         self.text_encoder_spec = text_encoder

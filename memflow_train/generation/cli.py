@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from memflow_train.checks import number, whole
+from memflow_train.checks import frame_rate, number, whole
 from memflow_train.generation.build import (
     MEMORY_KNOBS,
     Recipe,
@@ -207,6 +207,7 @@ def check_args(args: argparse.Namespace) -> None:
             if getattr(args, key) is not None:
                 whole("--" + key.replace("_", "-"), getattr(args, key), low=low)
         whole("--crf", args.crf, low=0, high=51)
+        frame_rate("--fps", args.fps)  # stored exactly in the mp4 (12.5 stays 12.5)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if args.index is not None and len(set(args.index)) != len(args.index):

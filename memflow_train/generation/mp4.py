@@ -10,6 +10,8 @@ import av
 import numpy as np
 import torch
 
+from memflow_train.checks import frame_rate
+
 
 class Mp4Writer:
     """H.264 (yuv420p) mp4 of uint8 RGB frames (T, H, W, 3).
@@ -21,13 +23,14 @@ class Mp4Writer:
     def __init__(self, path: str | Path, height: int, width: int, fps: float = 16.0, crf: int = 18) -> None:
         if height % 2 or width % 2:
             raise ValueError(f"H.264 needs an even frame size, got {width}x{height}")
+        rate = frame_rate("fps", fps)  # exact: 12.5 stays 12.5, never rounded to 12 (or 0.4 to 0)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._partial = self.path.with_name(self.path.name + ".partial")
         self.height, self.width = height, width
         self.frames_written = 0
         self._container = av.open(str(self._partial), mode="w", format="mp4")
-        self._stream = self._container.add_stream("libx264", rate=round(fps))
+        self._stream = self._container.add_stream("libx264", rate=rate)
         self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
         self._stream.options = {"crf": str(crf)}
 
