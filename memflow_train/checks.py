@@ -11,6 +11,11 @@ from fractions import Fraction
 from typing import Any
 
 
+class IgnoredSettingWarning(UserWarning):
+    """A setting the user gave has no effect in this run (another setting wins, or the mode does not use it);
+    the message names it, its value and why."""
+
+
 def number(
     name: str,
     value: Any,

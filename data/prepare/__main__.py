@@ -14,11 +14,13 @@ from data.prepare.core import Encoders, prepare
 from data.writer import ShardSink, parse_size
 from memflow_train.checks import number, whole
 from memflow_train.errors import run_command
+from memflow_train.generation.narrative import warn_unused
 from memflow_train.models.text_encoder import WanTextEncoder
 from memflow_train.models.vae import WanVAE, load_vae
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Arguments that do not change what is written: a resumed run may differ in them.
+DEFAULT_FRAMES_PER_PROMPT = 40  # MemFlow's benchmark: 10 s per prompt at 16 fps
 RUN_ONLY = {"overwrite", "progress", "quiet", "device", "batch_size", "min_latent_frames"}
 
 
@@ -74,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSONL of {'prompts': [...]}, e.g. MemFlow's benchmark",
     )
     p.add_argument("file")
-    p.add_argument("--frames-per-prompt", type=int, default=40, help="latent frames per prompt (default: 40 = 10 s)")
+    p.add_argument(
+        "--frames-per-prompt",
+        type=int,
+        help="latent frames per prompt of lines that fix no lengths (default: 40 = 10 s)",
+    )
     p = sub.add_parser("videos", parents=common, help="a folder of NAME.mp4 with captions in NAME.txt")
     p.add_argument("folder")
     p.add_argument("--fps", type=float, help="drop frames to this rate (Wan: 16)")
@@ -113,7 +119,11 @@ def _items(args: argparse.Namespace) -> tuple[object, int | None]:
     elif args.source == "switch":
         items = sources.switch_pairs(args.first, args.second, args.num_frames, args.switch_frame)
     elif args.source in ("narratives", "benchmark"):
-        items = sources.narrative_jsonl(args.file, args.frames_per_prompt)
+        unused: list[tuple[str, str]] = []
+        given = args.frames_per_prompt
+        items = sources.narrative_jsonl(args.file, DEFAULT_FRAMES_PER_PROMPT if given is None else given, unused)
+        if given is not None:  # given: say where the lines' own lengths win
+            warn_unused(unused, {"frames_per_prompt": ("--frames-per-prompt", given)})
     else:
         if (args.height is None) != (args.width is None):
             raise SystemExit("--height and --width go together")
@@ -181,6 +191,8 @@ def main(argv: list[str] | None = None) -> str:
     if args.source == "benchmark":
         args.source = "narratives"
     options = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_ONLY}
+    if args.source == "narratives" and options["frames_per_prompt"] is None:
+        options["frames_per_prompt"] = DEFAULT_FRAMES_PER_PROMPT  # as recorded before it had no default
     for key in ("file", "first", "second", "folder"):
         if options.get(key):
             options[key] = str(Path(options[key]).resolve())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from data.prepare.core import Item
 from data.video_io import read_video
+from memflow_train.generation.narrative import narrative_from_record
 
 
 def _lines(path: str | Path) -> list[str]:
@@ -43,24 +44,26 @@ def switch_pairs(
     return items
 
 
-def narrative_jsonl(path: str | Path, frames_per_prompt: int = 40) -> list[Item]:
+def narrative_jsonl(
+    path: str | Path, frames_per_prompt: int = 40, unused: list[tuple[str, str]] | None = None
+) -> list[Item]:
     """MemFlow's interactive benchmark format: one {"prompts": [...]} per line, each prompt frames_per_prompt
-    latent frames long (40 = 10 s at 16 fps). Lines may also give their own switch_frames and num_frames (as
-    the synthetic world's narrative sets do)."""
+    latent frames long (40 = 10 s at 16 fps). Lines may also give their own lengths (switch_frames, num_frames,
+    segment_frames; the synthetic world's narrative sets do): read exactly as generation reads them
+    (memflow_train.generation.narrative), so a narrative means the same in training and generation. Settings
+    a line makes unnecessary are appended to `unused` (see narrative_from_record)."""
     items = []
     for i, line in enumerate(_lines(path)):
         if not line:
             continue
+        where = f"{path} line {i + 1}"
         try:
             record = json.loads(line)
-            prompts = record["prompts"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path} line {i + 1}: expected a JSON object with a prompts list ({err})") from err
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise ValueError(f"{path} line {i + 1}: prompts must be a non-empty list of non-empty strings")
-        switches = record.get("switch_frames", [frames_per_prompt * k for k in range(1, len(prompts))])
-        frames = record.get("num_frames", frames_per_prompt * len(prompts))
-        items.append(Item(f"{i:08d}", prompts, switches, frames, info={"source": Path(path).name, "line": i + 1}))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not JSON ({err})") from err
+        n = narrative_from_record(record, frames_per_prompt, None, where, unused)
+        info = {"source": Path(path).name, "line": i + 1}
+        items.append(Item(f"{i:08d}", list(n.prompts), list(n.switch_frames), n.num_frames, info=info))
     return items
 
 

@@ -217,7 +217,8 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> list[GenerationStats]:
     args = build_parser().parse_args(argv)
     check_args(args)
-    narratives = read_narratives(args.narratives, args.frames_per_prompt, args.num_frames)
+    flags = {"frames_per_prompt": "--frames-per-prompt", "num_frames": "--num-frames"}
+    narratives = read_narratives(args.narratives, args.frames_per_prompt, args.num_frames, flags)
     jobs = _outputs(args, narratives)
     pipeline = build_pipeline(args)
     for _, narrative, _ in jobs:
