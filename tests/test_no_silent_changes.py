@@ -20,9 +20,11 @@ from data.reading import expand_urls, iter_raw_samples
 from data.video_io import encode_mp4
 from memflow_train.checks import IgnoredSettingWarning
 from memflow_train.evaluation.features import FeatureModelSpec
+from memflow_train.generation.build import with_memory_flags
 from memflow_train.generation.cli import main as generate_main
 from memflow_train.generation.mp4 import Mp4Writer
 from memflow_train.generation.narrative import Narrative, narrative_from_record, read_narratives
+from memflow_train.memory import MemoryConfig
 from memflow_train.models.text_encoder import PromptTruncatedWarning
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,3 +224,45 @@ def test_prepare_warns_when_lines_fix_their_own_lengths_over_frames_per_prompt(t
     with warnings.catch_warnings():
         warnings.simplefilter("error", IgnoredSettingWarning)
         prepare_main([*args, "--overwrite"])  # not given: nothing to say
+
+
+# ----------------------------------------------------------------------------------- memory settings
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"enabled": False, "bank_size": -4}, "memory.bank_size must be >= 1, got -4"),
+        ({"enabled": False, "record_interval": 0}, "memory.record_interval must be >= 1, got 0"),
+        ({"sma": False, "sma_topk": 0}, "memory.sma_topk must be >= 1, got 0"),
+    ],
+)
+def test_memory_ranges_hold_whatever_the_mode(settings: dict, message: str) -> None:
+    """A memory-free config skipped every range check, so a later --memory on met bank_size -4."""
+    with pytest.raises(ValueError, match=message):
+        MemoryConfig(**settings)
+
+
+@pytest.mark.parametrize(
+    ("mode", "knobs", "message"),
+    [
+        ("off", {"bank_size": 4, "record_interval": 2}, r"--bank-size 4, --record-interval 2: no effect, the memory "
+         r"is off \(--memory off\); drop them or pass --memory on or sma"),
+        ("on", {"sma_topk": 1}, r"--sma-topk 1: no effect, SMA is off \(--memory on\); drop them or pass --memory sma"),
+        (None, {"sma_include_sink": False}, r"--sma-include-sink False: no effect, SMA is off \(the recipe's memory"),
+        ("off", {"prototype": "relevance_merge"}, "--prototype relevance_merge: no effect"),
+    ],
+)  # fmt: skip
+def test_memory_flags_the_mode_does_not_read_are_refused(mode: str | None, knobs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        with_memory_flags(MemoryConfig(), mode, **knobs)
+    assert with_memory_flags(MemoryConfig(), "off", sink_size=1, recache="joint").sink_size == 1  # still read
+
+
+def test_generation_refuses_memory_flags_before_loading_models(tmp_path: Path) -> None:
+    (tmp_path / "n.txt").write_text("a\n")
+    args = [str(tmp_path / "n.txt"), "--config", str(DEMO), "--output", str(tmp_path / "o"), "--num-frames", "6"]
+    with pytest.raises(ValueError, match="memory.bank_size must be >= 1, got -4"):
+        generate_main([*args, "--memory", "off", "--bank-size", "-4", "--record-interval", "0"])
+    with pytest.raises(ValueError, match="--sma-topk 1: no effect, SMA is off"):
+        generate_main([*args, "--memory", "on", "--sma-topk", "1"])

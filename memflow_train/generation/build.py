@@ -92,13 +92,24 @@ def recipe_from_checkpoint(path: str | Path) -> Recipe | None:
 
 
 def with_memory_flags(memory: MemoryConfig, mode: str | None, **knobs: Any) -> MemoryConfig:
-    """memory with --memory on/off/sma and the knobs that were given (None = keep)."""
+    """memory with --memory on/off/sma and the knobs that were given (None = keep). A knob the resulting mode
+    does not read (--bank-size with the memory off, --sma-topk without SMA) is refused, named: it would
+    change nothing."""
     changes = dict(MEMORY_MODES[mode]) if mode is not None else {}
     unknown = set(knobs) - set(MEMORY_KNOBS)
     if unknown:
         raise ValueError(f"unknown memory knobs {sorted(unknown)}")
-    changes.update({k: v for k, v in knobs.items() if v is not None})
-    return replace(memory, **changes)
+    given = {k: v for k, v in knobs.items() if v is not None}
+    changes.update(given)
+    out = replace(memory, **changes)
+    idle = [k for k in given if k in out.unused_options()]
+    if idle:
+        flags = ", ".join(f"--{k.replace('_', '-')} {given[k]}" for k in idle)
+        state = "the memory is off" if not out.enabled else "SMA is off"
+        how = "--memory on or sma" if not out.enabled else "--memory sma"
+        source = f"--memory {mode}" if mode is not None else "the recipe's memory settings"
+        raise ValueError(f"{flags}: no effect, {state} ({source}); drop them or pass {how}")
+    return out
 
 
 def load_generator(

@@ -129,6 +129,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
 
 def build_pipeline(args: argparse.Namespace) -> StreamingVideoPipeline:
     recipe = _recipe(args)
+    memory = with_memory_flags(recipe.memory, args.memory, **{k: getattr(args, k) for k in MEMORY_KNOBS})
     device = torch.device(args.device)
     default_dtype = "bfloat16" if device.type == "cuda" else "float32"
     spec = recipe.generator if args.config is not None else None
@@ -147,7 +148,6 @@ def build_pipeline(args: argparse.Namespace) -> StreamingVideoPipeline:
         recipe, args.text_encoder, args.tokenizer, args.text_len, parse_dtype(args.text_dtype, default_dtype), device
     )
     vae = load_vae(args.vae, args.text_encoder, parse_dtype(args.vae_dtype, "float32"), device)
-    memory = with_memory_flags(recipe.memory, args.memory, **{k: getattr(args, k) for k in MEMORY_KNOBS})
     schedule = FlowMatchSchedule(recipe.timestep_shift if args.timestep_shift is None else args.timestep_shift)
     steps = list(recipe.denoising_steps if args.denoising_steps is None else args.denoising_steps)
     sampler = StreamingGenerator(model, schedule, steps, memory, recipe.context_timestep)

@@ -71,7 +71,11 @@ class MemoryConfig:
     context_noise: Literal["none", "schedule_table"] = "none"
 
     def __post_init__(self) -> None:
-        for key in ("bank_size", "record_interval", "sma_topk", "sink_size", "local_attn_size", "num_frame_per_block"):
+        # Ranges hold whatever `enabled` and `sma` say (a memory-free config can be switched on at a stage
+        # boundary or by a flag, and a value that is never in range is a mistake either way).
+        for key in ("bank_size", "record_interval", "sma_topk"):
+            whole(f"memory.{key}", getattr(self, key), low=1)
+        for key in ("sink_size", "local_attn_size", "num_frame_per_block"):
             whole(f"memory.{key}", getattr(self, key))
         for key in ("enabled", "relevance_softmax", "sma", "sma_include_sink"):
             if not isinstance(getattr(self, key), bool):
@@ -86,16 +90,14 @@ class MemoryConfig:
                 "sink could hold frames the bank holds too; turn the memory off (memory.enabled: false in YAML, "
                 "--memory off in generation) or choose another recache_sink"
             )
-        if not self.enabled:
-            return
-        if self.bank_size < 1:
-            raise ValueError(f"memory.bank_size must be >= 1 when memory is enabled, got {self.bank_size}")
-        if self.record_interval < 1:
-            raise ValueError(f"memory.record_interval must be >= 1, got {self.record_interval}")
-        if self.sma and self.sma_topk < 1:
-            raise ValueError(f"memory.sma_topk must be >= 1, got {self.sma_topk}")
-        if self.local_attn_size == -1:
+        if self.enabled and self.local_attn_size == -1:
             raise ValueError("memory.local_attn_size=-1 (unbounded window) leaves nothing for a memory to recall")
+
+    def unused_options(self) -> tuple[str, ...]:
+        """The options this mode does not read: the bank's when the memory is off, SMA's when SMA is off."""
+        bank = ("bank_size", "record_interval", "prototype", "relevance_softmax", "record_cadence")
+        sma = ("sma_topk", "sma_include_sink")
+        return (*bank, *sma) if not self.enabled else sma if not self.sma else ()
 
     @property
     def window(self) -> AttentionWindow:
