@@ -65,7 +65,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--demo_models", type=bool, default=False, help="text encoder and VAE of the demo dataset")
     p.add_argument("--latent_size", type=tuple[int, int] | None, default=None, help="default: the recipe's")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", type=str | None, default=None, help="transformer and text encoder dtype")
+    p.add_argument(
+        "--dtype",
+        type=str | None,
+        default=None,
+        help="transformer and text encoder dtype (default: bfloat16 on GPU, float32 on CPU; a config's text "
+        "encoder keeps its own unless given)",
+    )
     p.add_argument("--videos", type=int, default=2, help="narratives whose mp4 is written (0: none)")
     p.add_argument("--video_fps", type=float, default=16.0, help="frame rate of the written mp4s (stored exactly)")
     return p
@@ -112,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         text_len = DemoSpec().text_len if text_len is None else text_len
     spec = recipe.generator if args.config is not None else None
     model = load_generator(spec, args.checkpoint, args.checkpoint_key, dtype, device)
-    text = load_text_encoder(recipe, text_path, None, text_len, dtype, device)
+    text_dtype = None if args.dtype is None else dtype  # None: the config's text encoder keeps its own dtype
+    text = load_text_encoder(recipe, text_path, None, text_len, text_dtype, device, dtype)
     vae = load_vae(args.vae, text_path, torch.float32, device)
     schedule = FlowMatchSchedule(recipe.timestep_shift)
     sampler = StreamingGenerator(model, schedule, list(recipe.denoising_steps), recipe.memory, recipe.context_timestep)

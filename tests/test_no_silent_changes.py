@@ -20,12 +20,13 @@ from data.reading import expand_urls, iter_raw_samples
 from data.video_io import encode_mp4
 from memflow_train.checks import IgnoredSettingWarning
 from memflow_train.evaluation.features import FeatureModelSpec
-from memflow_train.generation.build import with_memory_flags
+from memflow_train.generation.build import Recipe, load_generator, load_text_encoder, with_memory_flags
 from memflow_train.generation.cli import main as generate_main
 from memflow_train.generation.mp4 import Mp4Writer
 from memflow_train.generation.narrative import Narrative, narrative_from_record, read_narratives
 from memflow_train.memory import MemoryConfig
-from memflow_train.models.text_encoder import PromptTruncatedWarning
+from memflow_train.methods.specs import BackboneSpec, TextEncoderSpec
+from memflow_train.models.text_encoder import PromptTruncatedWarning, WanTextEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -266,3 +267,44 @@ def test_generation_refuses_memory_flags_before_loading_models(tmp_path: Path) -
         generate_main([*args, "--memory", "off", "--bank-size", "-4", "--record-interval", "0"])
     with pytest.raises(ValueError, match="--sma-topk 1: no effect, SMA is off"):
         generate_main([*args, "--memory", "on", "--sma-topk", "1"])
+
+
+# ----------------------------------------------------------------------------------- generation's model flags
+
+
+@pytest.fixture(scope="module")
+def text_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("text")
+    WanTextEncoder.tiny(d_model=16, text_len=32).save_pretrained(root)
+    WanTextEncoder.tiny(d_model=16, vocabulary=["red", "ball"]).tokenizer.save_pretrained(root / "words")
+    return root
+
+
+def test_tokenizer_and_dtype_apply_to_the_configs_text_encoder(text_folder: Path) -> None:
+    """With the text encoder from the config's spec, --tokenizer and --text-dtype were dropped."""
+    recipe = Recipe(text_encoder=TextEncoderSpec(path=str(text_folder), text_len=32, dtype="float32"))
+    cpu = torch.device("cpu")
+    encoder = load_text_encoder(recipe, None, str(text_folder / "words"), None, torch.bfloat16, cpu)
+    assert len(encoder.tokenizer) == 5 and next(encoder.parameters()).dtype == torch.bfloat16
+    assert next(load_text_encoder(recipe, None, None, None, None, cpu).parameters()).dtype == torch.float32
+    tiny = Recipe(text_encoder=TextEncoderSpec(tiny_d_model=8, text_len=16))
+    assert next(load_text_encoder(tiny, None, None, None, torch.bfloat16, cpu).parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="--tokenizer words: the config's text encoder is the tiny random one"):
+        load_text_encoder(tiny, None, "words", None, None, cpu)
+
+
+def test_a_checkpoint_key_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "n.txt").write_text("a\n")
+    args = [str(tmp_path / "n.txt"), "--config", str(DEMO), "--output", str(tmp_path / "o"), "--num-frames", "6"]
+    with pytest.raises(ValueError, match="--checkpoint-key generator_ema names an entry of --checkpoint, and no"):
+        generate_main([*args, "--checkpoint-key", "generator_ema"])
+    with pytest.raises(ValueError, match="--trust-checkpoint: no checkpoint is loaded"):
+        generate_main([*args, "--trust-checkpoint"])
+
+
+def test_a_checkpoint_names_the_config_weights_it_replaces(tmp_path: Path) -> None:
+    spec = BackboneSpec(preset="tiny")
+    spec.build().save_pretrained(tmp_path / "g")
+    with_weights = BackboneSpec(preset="tiny", weights="elsewhere", lora_weights="lora.safetensors")
+    with pytest.warns(IgnoredSettingWarning, match=r"replaces the config generator's weights elsewhere, lora_weights"):
+        load_generator(with_weights, str(tmp_path / "g"), None, torch.float32, torch.device("cpu"))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import yaml
 
+from memflow_train.checks import IgnoredSettingWarning
 from memflow_train.memory import MemoryConfig
 from memflow_train.methods.hparams import coerce
 from memflow_train.methods.specs import BackboneSpec, TextEncoderSpec, torch_dtype
@@ -122,13 +123,37 @@ def load_generator(
 ) -> CausalWanTransformer:
     """The causal generator: the checkpoint's weights (the architecture of `spec`, a config's generator,
     when given; else what the checkpoint records or its shapes say), or `spec` alone (its own weights,
-    else random ones, with a warning). trust_checkpoint: see memflow_train.models.trust."""
+    else random ones, with a warning). trust_checkpoint: see memflow_train.models.trust.
+
+    checkpoint_key names an entry of `checkpoint`: without a checkpoint it is refused (ValueError), as is
+    trust_checkpoint when nothing is loaded from a file. The spec's own weights, checkpoint_key and LoRA, which
+    a checkpoint replaces, are named in an IgnoredSettingWarning."""
     if checkpoint is not None:
+        if spec is not None:
+            replaced = {k: getattr(spec, k) for k in ("weights", "checkpoint_key", "lora_weights")}
+            replaced = {k: v for k, v in replaced.items() if v is not None}
+            if replaced:
+                named = ", ".join(f"{k} {v}" for k, v in replaced.items())
+                warnings.warn(
+                    f"--checkpoint {checkpoint} replaces the config generator's {named} (only its architecture "
+                    "is used)",
+                    IgnoredSettingWarning,
+                    stacklevel=2,
+                )
         config = spec.architecture() if spec is not None else None
         model = load_transformer(
             checkpoint, config, checkpoint_key=checkpoint_key, dtype=dtype, trust_checkpoint=trust_checkpoint
         )
     elif spec is not None:
+        if checkpoint_key is not None:
+            raise ValueError(
+                f"--checkpoint-key {checkpoint_key} names an entry of --checkpoint, and no --checkpoint was given "
+                "(the config's generator loads its own weights: set checkpoint_key in its spec instead)"
+            )
+        if trust_checkpoint:
+            if spec.weights is None:
+                raise ValueError("--trust-checkpoint: no checkpoint is loaded (no --checkpoint, no generator weights)")
+            spec = replace(spec, trust_checkpoint=True)  # the permission applies to the weights the config names
         if spec.weights is None:
             warnings.warn("the config's generator has no weights: generating with random weights", stacklevel=2)
         model = cast_keeping_fp32(spec.build(), dtype)
@@ -142,15 +167,33 @@ def load_text_encoder(
     path: str | None,
     tokenizer: str | None,
     text_len: int | None,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
     device: torch.device,
+    default_dtype: torch.dtype = torch.float32,
 ) -> WanTextEncoder:
+    """The text encoder of `path` (a Wan or UMT5 folder), else the recipe's (a config's text_encoder spec). The
+    given tokenizer, text_len and dtype (None: the spec's, else default_dtype) apply on either path; a
+    tokenizer folder for the recipe's tiny random encoder, which has its own, is refused."""
     if path is not None:
         spec_len = recipe.text_encoder.text_len if recipe.text_encoder is not None else 512
-        encoder = WanTextEncoder.from_pretrained(path, tokenizer, spec_len if text_len is None else text_len, dtype)
+        length = spec_len if text_len is None else text_len
+        encoder = WanTextEncoder.from_pretrained(path, tokenizer, length, dtype or default_dtype)
     elif recipe.text_encoder is not None:
-        spec = recipe.text_encoder if text_len is None else replace(recipe.text_encoder, text_len=text_len)
-        encoder = spec.build()
+        spec, changes = recipe.text_encoder, {}
+        if text_len is not None:
+            changes["text_len"] = text_len
+        if tokenizer is not None:
+            if spec.path is None:
+                raise ValueError(
+                    f"--tokenizer {tokenizer}: the config's text encoder is the tiny random one (tiny_d_model), "
+                    "which has its own tokenizer; drop --tokenizer, or pass --text-encoder"
+                )
+            changes["tokenizer_path"] = tokenizer
+        if dtype is not None:
+            changes["dtype"] = str(dtype).removeprefix("torch.")
+        encoder = replace(spec, **changes).build()
+        if dtype is not None:
+            encoder = encoder.to(dtype)  # the tiny encoder is built in float32 whatever the spec says
     else:
         raise ValueError("pass --text-encoder (a Wan folder with text_encoder/ and tokenizer/, or a UMT5 folder)")
     return encoder.to(device)

@@ -90,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae", help="Wan folder (vae/) or VAE folder (default: --text-encoder's folder if it has vae/)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", help="transformer dtype (default: bfloat16 on GPU, float32 on CPU)")
-    g.add_argument("--text-dtype", help="text encoder dtype (default: bfloat16 on GPU, float32 on CPU)")
+    g.add_argument(
+        "--text-dtype",
+        help="text encoder dtype (default: the config's text encoder's, else bfloat16 on GPU, float32 on CPU)",
+    )
     g.add_argument("--vae-dtype", default="float32")
     g.add_argument(
         "--attention-backend",
@@ -144,8 +147,9 @@ def build_pipeline(args: argparse.Namespace) -> StreamingVideoPipeline:
         args.trust_checkpoint,
     )
     model.set_attention_backend(args.attention_backend)
+    text_dtype = None if args.text_dtype is None else parse_dtype(args.text_dtype, default_dtype)
     text = load_text_encoder(
-        recipe, args.text_encoder, args.tokenizer, args.text_len, parse_dtype(args.text_dtype, default_dtype), device
+        recipe, args.text_encoder, args.tokenizer, args.text_len, text_dtype, device, parse_dtype(None, default_dtype)
     )
     vae = load_vae(args.vae, args.text_encoder, parse_dtype(args.vae_dtype, "float32"), device)
     schedule = FlowMatchSchedule(recipe.timestep_shift if args.timestep_shift is None else args.timestep_shift)
