@@ -12,10 +12,26 @@ from data.batch import NarrativeBatch
 from data.format import FIELD_MEMBERS, SampleSpec
 from data.reading import expand_urls
 from data.stream import ShardStream, StreamConfig, StreamLoader, StreamPosition
+from memflow_train.checks import whole
 from memflow_train.strategies.zero import shards_parameters
 
 Field = Literal["text", "negative", "latents", "video", "ode", "annotations"]
 DType = Literal["float32", "bfloat16", "float16"]
+
+
+# Whole-number settings and their smallest honourable value (None, where allowed, means "use the default").
+LOWEST = {
+    "batch_size": 1, "val_batch_size": 1, "num_workers": 0, "batches_per_epoch": 1, "shuffle_buffer": 0, "seed": 0,
+    "text_len": 1, "text_dim": 1, "latent_channels": 1, "num_frames": 1, "min_latent_frames": 1,
+    "max_consecutive_bad": 1,
+}  # fmt: skip
+
+
+def check_numbers(**values: int | None) -> None:
+    """Each whole-number setting in range (None passes: an optional setting left unset); ValueError naming it."""
+    for name, value in values.items():
+        if value is not None:
+            whole(f"data.{name}", value, low=LOWEST[name])
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -67,13 +83,32 @@ class ShardDataModule(L.LightningDataModule):
         unknown = set(fields) - set(FIELD_MEMBERS)
         if unknown:
             raise ValueError(f"unknown fields {sorted(unknown)}; known: {sorted(FIELD_MEMBERS)}")
-        if batch_size < 1 or num_workers < 0 or batches_per_epoch < 1:
-            raise ValueError("batch_size and batches_per_epoch must be >= 1 and num_workers >= 0")
+        check_numbers(
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            num_workers=num_workers,
+            batches_per_epoch=batches_per_epoch,
+            shuffle_buffer=shuffle_buffer,
+            seed=seed,
+            text_len=text_len,
+            text_dim=text_dim,
+            latent_channels=latent_channels,
+            num_frames=num_frames,
+            min_latent_frames=min_latent_frames,
+            max_consecutive_bad=max_consecutive_bad,
+        )
+        if latent_size is not None:
+            if len(latent_size) != 2:
+                raise ValueError(f"data.latent_size must be (height, width), got {latent_size}")
+            for side in latent_size:
+                whole("data.latent_size", side, low=1)
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"data.dtype must be float32, bfloat16 or float16, got {dtype!r}")
         # No save_hyperparameters(): Lightning refuses DataModule hparams whose names (num_frames, seed, ...) the
         # LightningModule shares with other values; LightningCLI saves the whole config anyway.
         self.train_urls, self.val_urls = train_urls, val_urls
         self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
+        self.val_batch_size = batch_size if val_batch_size is None else val_batch_size
         self.num_workers = num_workers
         self.batches_per_epoch = batches_per_epoch
         self.train_resampled = train_resampled

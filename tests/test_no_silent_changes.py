@@ -14,6 +14,7 @@ import torch
 
 from callbacks.evaluate import main as evaluate_main
 from callbacks.long_video import LongVideoEvaluation
+from data.datamodule import ShardDataModule
 from data.format import SampleSpec, decode_sample
 from data.prepare.__main__ import main as prepare_main
 from data.reading import expand_urls, iter_raw_samples
@@ -308,3 +309,32 @@ def test_a_checkpoint_names_the_config_weights_it_replaces(tmp_path: Path) -> No
     with_weights = BackboneSpec(preset="tiny", weights="elsewhere", lora_weights="lora.safetensors")
     with pytest.warns(IgnoredSettingWarning, match=r"replaces the config generator's weights elsewhere, lora_weights"):
         load_generator(with_weights, str(tmp_path / "g"), None, torch.float32, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------- the shard data module
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"val_batch_size": 0}, "data.val_batch_size must be >= 1, got 0"),  # was replaced by batch_size (an `or`)
+        ({"val_batch_size": -2}, "data.val_batch_size must be >= 1, got -2"),
+        ({"text_len": 0}, "data.text_len must be >= 1, got 0"),
+        ({"num_frames": 0}, "data.num_frames must be >= 1, got 0"),
+        ({"num_frames": -3}, "data.num_frames must be >= 1, got -3"),
+        ({"min_latent_frames": -1}, "data.min_latent_frames must be >= 1, got -1"),
+        ({"max_consecutive_bad": 0}, "data.max_consecutive_bad must be >= 1, got 0"),
+        ({"seed": -1}, "data.seed must be >= 0, got -1"),
+        ({"shuffle_buffer": -5}, "data.shuffle_buffer must be >= 0, got -5"),
+        ({"text_dim": 0}, "data.text_dim must be >= 1, got 0"),
+        ({"latent_channels": 0}, "data.latent_channels must be >= 1, got 0"),
+        ({"latent_size": (0, 0)}, "data.latent_size must be >= 1, got 0"),
+        ({"latent_size": (4, 4, 4)}, r"data.latent_size must be \(height, width\)"),
+        ({"batch_size": 2.5}, "data.batch_size must be an integer, got 2.5"),
+        ({"dtype": "float64"}, "data.dtype must be float32, bfloat16 or float16"),
+    ],
+)
+def test_the_shard_data_module_refuses_numbers_it_cannot_honour(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ShardDataModule(train_urls="x.tar", **settings)
+    assert ShardDataModule(train_urls="x.tar", batch_size=3).val_batch_size == 3  # None: the training batch size
