@@ -4,6 +4,7 @@ truncated, dropped or replaced without a word. One section per instance the audi
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from fractions import Fraction
 from pathlib import Path
@@ -338,3 +339,39 @@ def test_the_shard_data_module_refuses_numbers_it_cannot_honour(settings: dict, 
     with pytest.raises(ValueError, match=message):
         ShardDataModule(train_urls="x.tar", **settings)
     assert ShardDataModule(train_urls="x.tar", batch_size=3).val_batch_size == 3  # None: the training batch size
+
+
+# ----------------------------------------------------------------------------------- backbone and feature specs
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"eps": math.nan}, "config.eps must be finite, got nan"),
+        ({"eps": -1}, "config.eps must be > 0, got -1"),
+        ({"num_layers": 0}, "config.num_layers must be >= 1, got 0"),
+        ({"num_layers": 2.5}, "config.num_layers must be an integer, got 2.5"),
+        ({"rope_max_seq_len": -1}, "config.rope_max_seq_len must be >= 1, got -1"),
+        ({"attention_head_dim": 13}, "config.attention_head_dim must be even"),
+        ({"out_channels": 0}, "config.out_channels must be >= 1, got 0"),  # the model read 0 as in_channels
+        ({"patch_size": [1, 2]}, r"config.patch_size must be \(frames, height, width\)"),
+        ({"num_layer": 2}, r"unknown Wan config keys \['num_layer'\]"),
+    ],
+)
+def test_backbone_config_overrides_are_checked(config: dict, message: str) -> None:
+    """These built a model (or failed later with an unrelated error)."""
+    with pytest.raises(ValueError, match=message):
+        BackboneSpec(preset="tiny", config=config)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"batch_size": 0}, "clip.batch_size must be >= 1, got 0"),
+        ({"seed": -1}, "clip.seed must be >= 0, got -1"),
+        ({"dtype": "float33"}, "unknown dtype 'float33'"),
+    ],
+)
+def test_feature_model_numbers_are_checked(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FeatureModelSpec(kind="clip", tiny=True, **settings)

@@ -30,6 +30,7 @@ from transformers import (
 )
 from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from memflow_train.checks import whole
 from memflow_train.methods.specs import torch_dtype
 from memflow_train.models.text_encoder import TruncationNotes, WanTextEncoder
 
@@ -158,6 +159,9 @@ class FeatureModelSpec:
             raise ValueError(f"feature model kind must be 'clip' or 'dino', got {self.kind!r}")
         if (self.path is None) == (not self.tiny):
             raise ValueError(f"{self.kind} model: set exactly one of path (local weights) and tiny: true")
+        whole(f"{self.kind}.batch_size", self.batch_size, low=1)
+        whole(f"{self.kind}.seed", self.seed, low=0)
+        torch_dtype(self.dtype)
 
     def build(self) -> ClipFeatures | DinoFeatures:
         dtype = torch_dtype(self.dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,42 @@ def torch_dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r} (use float32, bfloat16 or float16)")
     return dtype
+
+
+# The numeric keys of a Wan transformer config (CausalWanTransformer's arguments) and their smallest value.
+WAN_COUNTS = {
+    "num_attention_heads": 1, "attention_head_dim": 6, "in_channels": 1, "out_channels": 1, "text_dim": 1,
+    "freq_dim": 1, "ffn_dim": 1, "num_layers": 1, "rope_max_seq_len": 1,
+}  # fmt: skip
+
+
+def check_wan_config(config: dict[str, Any], name: str = "config") -> None:
+    """A backbone's config overrides: known keys, whole numbers where the model needs them, finite and in range;
+    ValueError naming the key otherwise."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{name} must be a mapping of Wan config keys, got {config!r}")
+    known = [k for k in inspect.signature(CausalWanTransformer.__init__).parameters if k != "self"]
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise ValueError(f"{name}: unknown Wan config keys {unknown}; known: {known}")
+    for key, low in WAN_COUNTS.items():
+        if config.get(key) is not None:
+            whole(f"{name}.{key}", config[key], low=low)
+    head_dim = config.get("attention_head_dim")
+    if head_dim is not None and head_dim % 2:
+        raise ValueError(
+            f"{name}.attention_head_dim must be even (RoPE rotates pairs over frames, height and width), got {head_dim}"
+        )
+    if "eps" in config:
+        number(f"{name}.eps", config["eps"], low=0, low_open=True)
+    if "patch_size" in config:
+        patch = config["patch_size"]
+        if not isinstance(patch, list | tuple) or len(patch) != 3:
+            raise ValueError(f"{name}.patch_size must be (frames, height, width), got {patch!r}")
+        for side in patch:
+            whole(f"{name}.patch_size", side, low=1)
+    if "cross_attn_norm" in config and not isinstance(config["cross_attn_norm"], bool):
+        raise ValueError(f"{name}.cross_attn_norm must be true or false, got {config['cross_attn_norm']!r}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +85,7 @@ class BackboneSpec:
         whole("seed", self.seed, low=0)
         if self.lora_alpha is not None:
             number("lora_alpha", self.lora_alpha, low=0, low_open=True)
+        check_wan_config(self.config)
 
     def architecture(self) -> dict[str, Any]:
         return wan_config(self.preset, **self.config)
