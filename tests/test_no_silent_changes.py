@@ -375,3 +375,14 @@ def test_backbone_config_overrides_are_checked(config: dict, message: str) -> No
 def test_feature_model_numbers_are_checked(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         FeatureModelSpec(kind="clip", tiny=True, **settings)
+
+
+def test_the_evaluation_refuses_denoising_steps_the_methods_sampler_overrides() -> None:
+    """A DMD method generates with its sampler's steps; the callback's used to be dropped without a word."""
+    from tests.method_helpers import dmd_module
+
+    module = dmd_module(denoising_steps=(1000, 750, 500, 250))
+    message = r"denoising_steps \[1000, 500\] differ from .*SelfForcingDMD's sampler \(\[1000, 750, 500, 250\]\)"
+    with pytest.raises(ValueError, match=message):
+        LongVideoEvaluation(denoising_steps=(1000, 500)).setup(None, module, "fit")
+    LongVideoEvaluation(denoising_steps=(1000, 750, 500, 250))._check_denoising_steps(module)  # the same: fine

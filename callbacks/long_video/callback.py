@@ -90,8 +90,24 @@ class LongVideoEvaluation(L.Callback):
     # ------------------------------------------------------------------------------------ hooks
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._check_denoising_steps(pl_module)
         if self.evaluator is None:  # a bad narrative file fails here, before training starts
             self.evaluator = Evaluator(self.protocol, self.videos, self.video_fps)
+
+    def _check_denoising_steps(self, module: L.LightningModule) -> None:
+        """A method with a sampler generates with its own steps: the callback's denoising_steps, meant for
+        methods without one, must then say the same, or the run stops here, naming both."""
+        sampler = getattr(module, "sampler", None)
+        if sampler is None or self.denoising_steps is None:
+            return
+        wanted = module.schedule.warp(self.denoising_steps)
+        if not torch.equal(wanted, sampler.timesteps.to(wanted.device)):
+            own = module.hparams.get("denoising_steps", [round(float(t)) for t in sampler.timesteps])
+            raise ValueError(
+                f"LongVideoEvaluation.denoising_steps {self.denoising_steps} differ from the denoising steps of "
+                f"{type(module).__name__}'s sampler ({list(own)}), which evaluation generates with: drop the "
+                "callback's denoising_steps (they are for methods without a sampler, such as flow matching)"
+            )
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -157,7 +173,7 @@ class LongVideoEvaluation(L.Callback):
 
     def _pipeline(self, trainer: L.Trainer, module: L.LightningModule) -> StreamingVideoPipeline:
         device = module.device
-        sampler = getattr(module, "sampler", None)
+        sampler = getattr(module, "sampler", None)  # its steps equal the callback's (checked in setup)
         if sampler is None:
             if self.denoising_steps is None:
                 raise ValueError(f"{type(module).__name__} has no sampler: set the callback's denoising_steps")
