@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import warnings
+from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
 
-from memflow_train.checks import frame_rate
+from memflow_train.checks import MAX_RATE_DENOMINATOR, frame_rate
 
 
 def encode_mp4(frames: torch.Tensor | np.ndarray, fps: float = 16.0, crf: int = 18) -> bytes:
@@ -37,22 +39,51 @@ def decode_mp4(data: bytes | str | Path) -> torch.Tensor:
     return read_video(io.BytesIO(data) if isinstance(data, bytes | bytearray) else data)
 
 
+class FrameRateWarning(UserWarning):
+    """A video runs slower than the frame rate asked for: its frames are kept at its own rate (none repeated)."""
+
+
 def read_video(
     source: str | Path | io.BytesIO,
     fps: float | None = None,
     size: tuple[int, int] | None = None,
     max_frames: int | None = None,
 ) -> torch.Tensor:
-    """Decode a video to uint8 (T, H, W, 3).
+    """Decode a video to uint8 (T, H, W, 3); see read_clip (which also gives the frames' rate)."""
+    return read_clip(source, fps, size, max_frames)[0]
 
-    fps: drop frames to approach this rate (a slower source is used as it is). size: (height, width) after
-    scaling to cover it and cropping the centre. max_frames: stop after this many frames.
+
+def read_clip(
+    source: str | Path | io.BytesIO,
+    fps: float | None = None,
+    size: tuple[int, int] | None = None,
+    max_frames: int | None = None,
+) -> tuple[torch.Tensor, Fraction | None]:
+    """Decode a video to uint8 (T, H, W, 3) and the frame rate those frames really have.
+
+    fps: drop frames to approach this rate; a slower source is used as it is, at its own rate, with a
+    FrameRateWarning naming both rates. size: (height, width) after scaling to cover it and cropping the centre.
+    max_frames: stop after this many frames. The rate is fps when frames were dropped to it, else the source's
+    own (None when the container records none).
     """
     frames: list[np.ndarray] = []
     next_time = 0.0
     with av.open(str(source) if isinstance(source, Path) else source) as container:
         stream = container.streams.video[0]
-        tolerance = 0.5 / float(stream.average_rate or fps or 1)  # half a source frame: take the frame nearest a target
+        source_rate = Fraction(stream.average_rate) if stream.average_rate else None
+        rate = source_rate
+        if fps is not None:
+            rate = Fraction(fps).limit_denominator(MAX_RATE_DENOMINATOR)
+            if source_rate is not None and source_rate < fps:
+                name = source if isinstance(source, str | Path) else "a video"
+                warnings.warn(
+                    f"{name} runs at {float(source_rate):g} fps, slower than the requested {fps:g}: its frames are "
+                    f"kept at {float(source_rate):g} fps (none are repeated)",
+                    FrameRateWarning,
+                    stacklevel=3,
+                )
+                rate = source_rate
+        tolerance = 0.5 / float(source_rate or fps or 1)  # half a source frame: take the frame nearest a target
         for frame in container.decode(stream):
             if fps is not None and frame.time is not None:
                 if frame.time < next_time - tolerance:
@@ -63,7 +94,7 @@ def read_video(
                 break
     if not frames:
         raise ValueError(f"no video frames in {source}")
-    return torch.from_numpy(np.stack(frames))
+    return torch.from_numpy(np.stack(frames)), rate
 
 
 def _resize(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:

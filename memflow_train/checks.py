@@ -68,6 +68,8 @@ MAX_RATE_DENOMINATOR = 1001  # NTSC's 30000/1001; every rate a video container i
 def frame_rate(name: str, fps: Any) -> Fraction:
     """fps as the exact fraction a video container stores (12.5 -> 25/2, 29.97 -> 2997/100); a rate that is
     not positive and finite, or that no fraction with a denominator up to 1001 equals, is refused, named."""
+    if isinstance(fps, Fraction) and fps > 0:  # a rate read from a video file: exact already
+        return fps
     value = number(name, fps, low=0, low_open=True)
     rate = Fraction(value).limit_denominator(MAX_RATE_DENOMINATOR)
     if rate <= 0 or float(rate) != value:

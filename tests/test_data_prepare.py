@@ -121,7 +121,7 @@ def test_video_folder_round_trip_skips_unusable_videos(tmp_path: Path) -> None:
     torch.testing.assert_close(samples[0].latents, WanVAE.tiny(z_dim=4).encode(frames)[0])
     assert samples[0].video.shape == (9, 16, 16, 3)
     assert (samples[0].video.float() - frames.float()).abs().mean() < 8  # stored clip = the encoded frames
-    assert samples[0].info == {"source": "a.mp4"}
+    assert samples[0].info == {"source": "a.mp4", "fps": 16.0}  # the rate of the stored frames
 
 
 def test_read_video_resamples_and_crops(tmp_path: Path) -> None:

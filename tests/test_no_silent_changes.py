@@ -3,6 +3,7 @@ truncated, dropped or replaced without a word. One section per instance the audi
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
@@ -17,9 +18,10 @@ from callbacks.evaluate import main as evaluate_main
 from callbacks.long_video import LongVideoEvaluation
 from data.datamodule import ShardDataModule
 from data.format import SampleSpec, decode_sample
+from data.prepare.__main__ import SkippedFilesWarning
 from data.prepare.__main__ import main as prepare_main
 from data.reading import expand_urls, iter_raw_samples
-from data.video_io import encode_mp4
+from data.video_io import FrameRateWarning, encode_mp4
 from memflow_train.checks import IgnoredSettingWarning
 from memflow_train.evaluation.features import FeatureModelSpec
 from memflow_train.generation.build import Recipe, load_generator, load_text_encoder, with_memory_flags
@@ -386,3 +388,71 @@ def test_the_evaluation_refuses_denoising_steps_the_methods_sampler_overrides() 
     with pytest.raises(ValueError, match=message):
         LongVideoEvaluation(denoising_steps=(1000, 500)).setup(None, module, "fit")
     LongVideoEvaluation(denoising_steps=(1000, 750, 500, 250))._check_denoising_steps(module)  # the same: fine
+
+
+# ----------------------------------------------------------------------------------- data.prepare videos
+
+
+def _write_video(path: Path, fps: int, frames: int = 13, container: str = "mp4") -> None:
+    video = torch.zeros(frames, 16, 16, 3, dtype=torch.uint8)
+    video[:, 4:12, 4:12] = torch.arange(frames).view(-1, 1, 1, 1) * 15
+    if container == "mp4":
+        path.write_bytes(encode_mp4(video, fps))
+        return
+    with av.open(str(path), mode="w", format=container) as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        for frame in video.numpy():
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+
+
+def _stored(urls: str) -> list[tuple[str, Fraction, float]]:
+    """(key, the stored mp4's frame rate, the sample's recorded fps) of every sample."""
+    out = []
+    for url in expand_urls(urls):
+        for raw in iter_raw_samples(url, pytest.fail):
+            with av.open(io.BytesIO(raw["mp4"])) as container:
+                rate = container.streams.video[0].average_rate
+            out.append((raw["__key__"], rate, json.loads(raw["json"])["info"]["fps"]))
+    return out
+
+
+VIDEO_ARGS = ["--vae", "tiny", "--height", "16", "--width", "16", "--keep-video", *["--text-encoder", "tiny"]]
+VIDEO_ARGS += ["--tiny-text-dim", "8", "--quiet"]
+
+
+def test_prepare_stores_videos_at_their_true_rate(tmp_path: Path) -> None:
+    """--fps 16 on a 10 fps source kept 10 fps silently and labelled the mp4 16; without --fps every stored
+    mp4 was labelled 16 whatever its source's rate."""
+    src = tmp_path / "v"
+    src.mkdir()
+    _write_video(src / "slow.mp4", fps=10)
+    (src / "slow.txt").write_text("a box\n")
+    args = ["videos", str(src), *VIDEO_ARGS]
+    with pytest.warns(FrameRateWarning, match=r"slow\.mp4 runs at 10 fps, slower than the requested 16: its frames"):
+        urls = prepare_main([*args, "--output", str(tmp_path / "a"), "--fps", "16"])
+    assert _stored(urls) == [("slow", 10, 10.0)]
+    assert _stored(prepare_main([*args, "--output", str(tmp_path / "b")])) == [("slow", 10, 10.0)]
+    _write_video(src / "slow.mp4", fps=32, frames=26)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FrameRateWarning)
+        urls = prepare_main([*args, "--output", str(tmp_path / "c"), "--fps", "16"])
+    assert _stored(urls) == [("slow", 16, 16.0)]
+
+
+def test_prepare_reads_common_video_containers_and_counts_other_files(tmp_path: Path) -> None:
+    """Only *.mp4 (case-sensitive) was read: a.MP4, b.mov and c.mkv were skipped without a word."""
+    src = tmp_path / "v"
+    src.mkdir()
+    for name, container in (("a.MP4", "mp4"), ("b.mov", "mov"), ("c.mkv", "matroska")):
+        _write_video(src / name, fps=16, container=container)
+        (src / name).with_suffix(".txt").write_text(f"caption of {name}\n")
+    (src / "notes.json").write_text("{}")
+    (src / "frame.jpg").write_bytes(b"\xff\xd8")
+    with pytest.warns(SkippedFilesWarning, match=r"skipping 2 files that are neither a video .*: \.jpg x1, \.json x1"):
+        urls = prepare_main(["videos", str(src), "--output", str(tmp_path / "o"), *VIDEO_ARGS])
+    assert [key for key, _, _ in _stored(urls)] == ["a", "b", "c"]
+    _write_video(src / "a.mov", fps=16, container="mov")
+    with pytest.raises(ValueError, match=r"a\.MP4 and .*a\.mov share the caption a\.txt"):
+        prepare_main(["videos", str(src), "--output", str(tmp_path / "p"), *VIDEO_ARGS])

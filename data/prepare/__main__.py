@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -12,14 +14,20 @@ import torch
 from data.prepare import sources
 from data.prepare.core import Encoders, prepare
 from data.writer import ShardSink, parse_size
-from memflow_train.checks import number, whole
+from memflow_train.checks import frame_rate, number, whole
 from memflow_train.errors import run_command
 from memflow_train.generation.narrative import warn_unused
 from memflow_train.models.text_encoder import WanTextEncoder
 from memflow_train.models.vae import WanVAE, load_vae
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 # Arguments that do not change what is written: a resumed run may differ in them.
+class SkippedFilesWarning(UserWarning):
+    """Files of a source folder that preparation does not read (not a video, not a caption)."""
+
+
 DEFAULT_FRAMES_PER_PROMPT = 40  # MemFlow's benchmark: 10 s per prompt at 16 fps
 RUN_ONLY = {"overwrite", "progress", "quiet", "device", "batch_size", "min_latent_frames"}
 
@@ -81,13 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="latent frames per prompt of lines that fix no lengths (default: 40 = 10 s)",
     )
-    p = sub.add_parser("videos", parents=common, help="a folder of NAME.mp4 with captions in NAME.txt")
+    p = sub.add_parser(
+        "videos",
+        parents=common,
+        help="a folder of NAME.mp4 (.mov, .mkv, .webm, .avi, any case) with captions in NAME.txt",
+    )
     p.add_argument("folder")
-    p.add_argument("--fps", type=float, help="drop frames to this rate (Wan: 16)")
+    p.add_argument(
+        "--fps",
+        type=float,
+        help="drop frames to this rate (Wan: 16); a slower video keeps its own rate, with a warning (default: each "
+        "video's own rate)",
+    )
     p.add_argument("--height", type=int, help="resize (cover) and centre-crop to this height")
     p.add_argument("--width", type=int)
     p.add_argument("--max-frames", type=int, help="video frames to keep at most (Wan: 1 + 4k, e.g. 81)")
-    p.add_argument("--keep-video", action="store_true", help="store the processed clip as mp4 too")
+    p.add_argument(
+        "--keep-video", action="store_true", help="store the processed clip as mp4 too, labelled with its true rate"
+    )
     p.add_argument(
         "--min-latent-frames", type=int, default=3, help="warn about clips shorter than this (one chunk; default 3)"
     )
@@ -109,6 +128,8 @@ def check_args(args: argparse.Namespace) -> None:
                 whole("--" + key.replace("_", "-"), getattr(args, key), low=low)
         if getattr(args, "fps", None) is not None:
             number("--fps", args.fps, low=0, low_open=True)
+            if args.keep_video:  # the stored mp4s say this rate: exactly
+                frame_rate("--fps", args.fps)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -133,9 +154,17 @@ def _items(args: argparse.Namespace) -> tuple[object, int | None]:
                 f"transformer's patch 2: latents of odd sizes cannot be trained), got {args.height}x{args.width}"
             )
         size = (args.height, args.width) if args.height else None
-        return sources.video_folder(args.folder, args.fps, size, args.max_frames), len(
-            list(Path(args.folder).rglob("*.mp4"))
-        )
+        videos, others = sources.list_videos(args.folder)
+        if others:
+            kinds = Counter(p.suffix.lower() or p.name for p in others)
+            warnings.warn(
+                f"{args.folder}: skipping {len(others)} files that are neither a video ({', '.join(sources.VIDEO_SUFFIXES)}"
+                f") nor a video's caption: {', '.join(f'{k} x{n}' for k, n in kinds.most_common())} (first: "
+                f"{others[0].relative_to(args.folder)})",
+                SkippedFilesWarning,
+                stacklevel=2,
+            )
+        return sources.video_folder(args.folder, args.fps, size, args.max_frames, videos), len(videos)
     return items, len(items)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from itertools import islice
 from typing import Any
 
@@ -21,7 +22,8 @@ from memflow_train.models.vae import VideoAutoencoder
 @dataclass
 class Item:
     """One source entry before encoding. video: uint8 (T, H, W, 3) or a function loading it (so a resumed run
-    skips finished items without decoding them); frame counts are in latent frames."""
+    skips finished items without decoding them), optionally with the frames' rate as (frames, fps); frame
+    counts are in latent frames."""
 
     key: str
     prompts: list[str]
@@ -40,7 +42,7 @@ class Encoders:
     vae: VideoAutoencoder | None = None
     negative_prompt: str | None = None
     keep_video: bool = False
-    fps: float = 16.0  # frame rate written into stored mp4s
+    fps: float = 16.0  # the rate of videos whose loader gives none (a tensor; a file that records no rate)
     batch_size: int = 8
     text_dtype: torch.dtype = torch.bfloat16
     latent_dtype: torch.dtype = torch.bfloat16
@@ -65,13 +67,17 @@ class DroppedFramesWarning(UserWarning):
     """A clip loses frames to the VAE's 1 + 4k rule, or is too short to train on."""
 
 
-def _load_video(item: Item, vae: VideoAutoencoder | None, min_latent_frames: int = 3) -> torch.Tensor | None:
+def _load_video(
+    item: Item, vae: VideoAutoencoder | None, min_latent_frames: int = 3
+) -> tuple[torch.Tensor | None, Fraction | None]:
+    """The item's frames (what the VAE can encode) and their rate when the loader knows it."""
     if item.video is None:
-        return None
+        return None, None
     try:
         video = item.video() if callable(item.video) else item.video
     except Exception as err:  # whatever the decoder raises for a broken file
         raise SkippedItem(f"{item.key}: cannot read its video ({err})") from err
+    video, rate = video if isinstance(video, tuple) else (video, None)
     if vae is not None:  # keep the longest prefix the VAE accepts: 1 + k * stride frames
         stride, frames = vae.temporal_stride, video.shape[0]
         keep = 1 + (frames - 1) // stride * stride
@@ -92,23 +98,27 @@ def _load_video(item: Item, vae: VideoAutoencoder | None, min_latent_frames: int
                 DroppedFramesWarning,
                 stacklevel=2,
             )
-    return video
+    return video, rate
 
 
 def _encode_batch(items: list[Item], encoders: Encoders) -> list[Sample | SkippedItem]:
     out: list[Sample | SkippedItem] = []
+    rates: dict[str, Fraction | float] = {}
     for item in items:
         if not item.prompts:
             out.append(SkippedItem(f"{item.key}: has no prompt (a video without its caption file?)"))
             continue
         try:
-            video = _load_video(item, encoders.vae, encoders.min_latent_frames)
+            video, rate = _load_video(item, encoders.vae, encoders.min_latent_frames)
         except SkippedItem as err:
             out.append(err)
             continue
         sample = Sample(item.key, item.prompts, item.switch_frames, item.num_frames, annotations=item.annotations)
         sample.info = dict(item.info)
         sample.video = video
+        if video is not None:  # the rate of the stored frames / latents: the source's own unless dropped to --fps
+            rates[item.key] = rate if rate is not None else encoders.fps
+            sample.info["fps"] = float(rates[item.key])
         out.append(sample)
     samples = [s for s in out if isinstance(s, Sample)]
     if encoders.text is not None and samples:
@@ -129,7 +139,7 @@ def _encode_batch(items: list[Item], encoders: Encoders) -> list[Sample | Skippe
                 s.num_frames = s.num_frames or z.shape[1]
     for s in samples:
         if encoders.keep_video and s.video is not None:
-            s.mp4 = encode_mp4(s.video, encoders.fps)
+            s.mp4 = encode_mp4(s.video, rates[s.key])
         s.video = None  # frames are never written as such, only as mp4 or latents
     return out
 

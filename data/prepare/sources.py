@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 
 from data.prepare.core import Item
-from data.video_io import read_video
+from data.video_io import read_clip
 from memflow_train.generation.narrative import narrative_from_record
 
 
@@ -67,20 +67,44 @@ def narrative_jsonl(
     return items
 
 
+# Containers PyAV (FFmpeg) decodes, matched case-insensitively (a.MP4, b.mov, c.mkv).
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
+
+
+def list_videos(folder: str | Path) -> tuple[list[Path], list[Path]]:
+    """The videos of a folder (sorted, recursively) and the files that are neither a video nor a video's caption
+    (.txt of the same name). Raises ValueError for two videos sharing a name (a.mp4 and a.mov): one caption and
+    one sample key would stand for both."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    videos = [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES]
+    stems: dict[Path, Path] = {}
+    for video in videos:
+        other = stems.setdefault(video.with_suffix(""), video)
+        if other != video:
+            raise ValueError(
+                f"{other} and {video} share the caption {video.with_suffix('.txt').name} and the sample key: rename one"
+            )
+    captions = {v.with_suffix(".txt") for v in videos}
+    others = [p for p in files if p.suffix.lower() not in VIDEO_SUFFIXES and p not in captions]
+    return videos, others
+
+
 def video_folder(
     folder: str | Path,
     fps: float | None = None,
     size: tuple[int, int] | None = None,
     max_frames: int | None = None,
+    videos: list[Path] | None = None,
 ) -> Iterator[Item]:
-    """Every *.mp4 in a folder (sorted, recursively) with its caption in the .txt of the same name; a video
-    without a caption is an Item without prompts, which preparation skips with a warning."""
-    for video in sorted(Path(folder).rglob("*.mp4")):
+    """Every video in a folder (list_videos: .mp4, .mov, .mkv, ... in any case, sorted, recursively) with its
+    caption in the .txt of the same name; a video without a caption is an Item without prompts, which preparation
+    skips with a warning. Each item loads (frames, their true rate) with read_clip."""
+    for video in list_videos(folder)[0] if videos is None else videos:
         caption = video.with_suffix(".txt")
         text = caption.read_text(encoding="utf-8").strip() if caption.is_file() else ""
         yield Item(
             video.relative_to(folder).with_suffix("").as_posix().replace("/", "__").replace(".", "_"),
             [text] if text else [],
-            video=partial(read_video, video, fps, size, max_frames),
+            video=partial(read_clip, video, fps, size, max_frames),
             info={"source": video.relative_to(folder).as_posix()},
         )
