@@ -6,6 +6,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 from fractions import Fraction
 from pathlib import Path
@@ -13,6 +16,7 @@ from pathlib import Path
 import av
 import pytest
 import torch
+import yaml
 
 from callbacks.evaluate import main as evaluate_main
 from callbacks.long_video import LongVideoEvaluation
@@ -22,6 +26,7 @@ from data.prepare.__main__ import SkippedFilesWarning
 from data.prepare.__main__ import main as prepare_main
 from data.reading import expand_urls, iter_raw_samples
 from data.video_io import FrameRateWarning, encode_mp4
+from memflow_train.benchmarks import attention_backends, bank_exposure, cost_growth, dmd_step, memory_overhead
 from memflow_train.checks import IgnoredSettingWarning
 from memflow_train.evaluation.features import FeatureModelSpec
 from memflow_train.generation.build import Recipe, load_generator, load_text_encoder, with_memory_flags
@@ -456,3 +461,50 @@ def test_prepare_reads_common_video_containers_and_counts_other_files(tmp_path: 
     _write_video(src / "a.mov", fps=16, container="mov")
     with pytest.raises(ValueError, match=r"a\.MP4 and .*a\.mov share the caption a\.txt"):
         prepare_main(["videos", str(src), "--output", str(tmp_path / "p"), *VIDEO_ARGS])
+
+
+# ----------------------------------------------------------------------------------- benchmarks
+
+
+TINY_BENCH = ["--preset", "tiny", "--num-layers", "1", "--text-len", "8"]
+
+
+@pytest.mark.parametrize(
+    ("main", "flags", "message"),
+    [
+        (attention_backends.main, ["--height", "100", "--width", "96"], r"--height must be a positive multiple of 16 "
+         r"\(VAE stride 8 x patch 2\), got 100"),
+        (attention_backends.main, ["--height", "4"], "--height must be a positive multiple of 16"),
+        (attention_backends.main, ["--key-frames", "2", "--frames-per-chunk", "3"], r"--key-frames \[2\] fewer than "
+         "--frames-per-chunk 3"),
+        (attention_backends.main, ["--repeats", "0"], "--repeats must be >= 1, got 0"),
+        (memory_overhead.main, [*TINY_BENCH, "--width", "100"], "--width must be a positive multiple of 16"),
+        (memory_overhead.main, [*TINY_BENCH, "--repeats", "0"], "--repeats must be >= 1, got 0"),
+        (memory_overhead.main, [*TINY_BENCH, "--chunks", "-1"], "--chunks must be >= 0, got -1"),
+        (cost_growth.main, [*TINY_BENCH, "--steps", "0"], "--steps must be >= 1, got 0"),
+        (dmd_step.main, [*TINY_BENCH, "--height", "100"], "--height must be a positive multiple of 16"),
+        (dmd_step.main, [*TINY_BENCH, "--prompt-tokens", "9"], "--prompt-tokens 9 exceeds --text-len 8"),
+        (dmd_step.main, [*TINY_BENCH, "--repeats", "0"], "--repeats must be >= 1, got 0"),
+    ],
+)  # fmt: skip
+def test_benchmarks_refuse_what_they_cannot_measure(main, flags: list[str], message: str) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match=message):
+        main(["--device", "cpu", *flags])
+
+
+def test_bank_exposure_checks_the_configs_num_frames(tmp_path: Path) -> None:
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    config["model"]["init_args"]["num_frames"] = 12.5
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"c\.yaml: model\.init_args\.num_frames must be an integer, got 12\.5"):
+        bank_exposure.main(["--config", str(tmp_path / "c.yaml")])
+
+
+def test_benchmark_errors_are_one_line(tmp_path: Path) -> None:
+    """--repeats 0 ended in a raw StatisticsError traceback."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MEMFLOW_TRAIN_TRACEBACK", None)
+    command = [sys.executable, "-m", "memflow_train.benchmarks.memory_overhead", *TINY_BENCH, "--repeats", "0"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.startswith("error: --repeats must be >= 1, got 0")

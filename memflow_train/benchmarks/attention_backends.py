@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from memflow_train.benchmarks.common import add_measurement_args, publish, summarize, sync
+from memflow_train.benchmarks.common import add_measurement_args, check_counts, latent_grid, publish, summarize, sync
+from memflow_train.errors import run_command
 from memflow_train.models import fused_attention
 from memflow_train.models.attention import get_attention_backend
 from memflow_train.models.presets import wan_config
@@ -36,7 +37,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     config = wan_config(args.preset)
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
-    tpf = (args.height // 8 // config["patch_size"][1]) * (args.width // 8 // config["patch_size"][2])
+    lh, lw = latent_grid(args.preset, args.height, args.width)
+    tpf = (lh // config["patch_size"][1]) * (lw // config["patch_size"][2])
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def randn(frames: int) -> torch.Tensor:
@@ -94,6 +96,19 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         )
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse what the measurement cannot honour, before any work: sizes off the latent grid, counts below 1,
+    key frames fewer than the chunk's own frames (the keys include them)."""
+    check_counts(args, {"frames_per_chunk": 1, "key_frames": 1})
+    latent_grid(args.preset, args.height, args.width)
+    short = [f for f in args.key_frames if f < args.frames_per_chunk]
+    if short:
+        raise ValueError(
+            f"--key-frames {short} fewer than --frames-per-chunk {args.frames_per_chunk}: the attended frames "
+            "include the chunk's own"
+        )
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     cuda = torch.cuda.is_available()
     default_backends = ["sdpa", "flex"] + (["flash"] if cuda and fused_attention.FLASH_AVAILABLE else [])
@@ -108,10 +123,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16", "float16"])
     add_measurement_args(p, repeats=5)
     args = p.parse_args(argv)
+    check_args(args)
     if "sdpa" not in args.backends:
         args.backends.insert(0, "sdpa")  # the reference
     return publish(run(args), args, print_table)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -19,6 +19,8 @@ import torch
 import yaml
 
 from memflow_train.benchmarks.common import publish
+from memflow_train.checks import whole
+from memflow_train.errors import run_command
 from memflow_train.generation.build import recipe_from_config
 from memflow_train.memory import MemoryConfig
 from memflow_train.memory.config import CHOICES
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         init = yaml.safe_load(Path(args.config).read_text())["model"]["init_args"]
         if "num_frames" not in init:
             p.error(f"{args.config} sets no model.init_args.num_frames: pass --num-frames")
-        args.num_frames = int(init["num_frames"])
+        args.num_frames = whole(f"{args.config}: model.init_args.num_frames", init["num_frames"], low=1)
+    whole("--num-frames", args.num_frames, low=1)
     if args.num_frames < memory.num_frame_per_block or args.num_frames % memory.num_frame_per_block:
         p.error(f"--num-frames {args.num_frames} is not a whole number of {memory.num_frame_per_block}-frame chunks")
     args.record_interval = memory.record_interval
@@ -95,4 +98,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

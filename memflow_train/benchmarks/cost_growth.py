@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 
 from memflow_train.benchmarks.common import publish
-from memflow_train.benchmarks.memory_overhead import build_parser, run
+from memflow_train.benchmarks.memory_overhead import build_parser, check_args, run
+from memflow_train.errors import run_command
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
@@ -40,8 +41,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser(__doc__)
     parser.set_defaults(chunks=[5, 12, 60, 332], history_pool=4, statistic="min", variants=["off", "nam", "nam_sma"])
     args = parser.parse_args(argv)
+    check_args(args)
     return publish(run(args), args, print_table)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

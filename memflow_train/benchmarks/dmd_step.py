@@ -25,9 +25,10 @@ from dataclasses import dataclass, replace
 import lightning as L
 import torch
 
-from memflow_train.benchmarks.common import add_measurement_args, publish, summarize, sync
+from memflow_train.benchmarks.common import add_measurement_args, check_counts, latent_grid, publish, summarize, sync
 from memflow_train.benchmarks.memory_overhead import VARIANTS
 from memflow_train.benchmarks.tensor_memory import PeakTensorMemory
+from memflow_train.errors import run_command
 from memflow_train.methods import BackboneSpec, OptimizerSpec, SelfForcingDMD
 from memflow_train.models.presets import wan_config
 
@@ -88,7 +89,7 @@ def build_module(args: argparse.Namespace, variant: str) -> SelfForcingDMD:
         teacher=net,
         memory=memory,
         num_frames=args.num_frames,
-        latent_size=(args.height // 8, args.width // 8),
+        latent_size=latent_grid(args.preset, args.height, args.width),
         gradient_checkpointing=args.gradient_checkpointing,
         generator_optimizer=OptimizerSpec(lr=1e-6),
         critic_optimizer=OptimizerSpec(lr=1e-6),
@@ -169,6 +170,16 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         print(f"| {r['variant']} | {r['seconds_per_step']:.1f} | {t} | {r['peak_gib']:.2f} | {m} |")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse what the measurement cannot honour, before any work: sizes off the latent grid, counts below 1,
+    more real prompt tokens than text_len."""
+    lowest = {"num_layers": 1, "num_frames": 1, "text_len": 1, "prompt_tokens": 1, "batch_size": 1}
+    check_counts(args, {**lowest, "record_interval": 1})
+    latent_grid(args.preset, args.height, args.width)
+    if args.prompt_tokens > args.text_len:
+        raise ValueError(f"--prompt-tokens {args.prompt_tokens} exceeds --text-len {args.text_len}")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,8 +203,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16"])
     add_measurement_args(p, repeats=1)
     args = p.parse_args(argv)
+    check_args(args)
     return publish(run(args), args, print_table)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -23,7 +23,8 @@ from dataclasses import replace
 
 import torch
 
-from memflow_train.benchmarks.common import add_measurement_args, publish, summarize, sync
+from memflow_train.benchmarks.common import add_measurement_args, check_counts, latent_grid, publish, summarize, sync
+from memflow_train.errors import run_command
 from memflow_train.memory import MemoryConfig, StreamingKVCache
 from memflow_train.models.attention import register_attention_backend, sdpa_attention
 from memflow_train.models.causal_wan import CausalWanTransformer, TextContext, cast_keeping_fp32
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     with torch.device(device):
         model = cast_keeping_fp32(CausalWanTransformer(**config), dtype).eval()
-    lh, lw = args.height // 8, args.width // 8
+    lh, lw = latent_grid(args.preset, args.height, args.width)
     tpf = (lh // config["patch_size"][1]) * (lw // config["patch_size"][2])
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
 
@@ -193,10 +194,20 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse what the measurement cannot honour, before any work (memory_overhead and cost_growth)."""
+    lowest = {"num_layers": 1, "text_len": 1, "frames_per_chunk": 1, "steps": 1, "chunks": 0, "history_pool": 0}
+    check_counts(args, lowest)
+    latent_grid(args.preset, args.height, args.width)
+    for name in args.variants:  # the chunk must fit each variant's window
+        replace(VARIANTS[name], num_frame_per_block=args.frames_per_chunk)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
+    check_args(args)
     return publish(run(args), args, print_table)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)
