@@ -32,6 +32,7 @@ from callbacks.long_video.report import assemble, write_report
 from data.synthetic.demo import DemoSpec, demo_dataset
 from memflow_train.checks import frame_rate, whole
 from memflow_train.errors import run_command
+from memflow_train.evaluation.narratives import warn_off_grid
 from memflow_train.generation.build import (
     Recipe,
     load_generator,
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("error: the checkpoint records no latent size: pass --latent_size H W (latent pixels)")
     pipeline = StreamingVideoPipeline(sampler, text, vae, tuple(latent_size))
     evaluator = Evaluator(args.protocol, args.videos, args.video_fps)
+    warn_off_grid(evaluator.narratives, sampler.frames_per_chunk)
     with torch.no_grad():
         shard = evaluator.run_shard(pipeline)
     for model in (text, *evaluator.models()):

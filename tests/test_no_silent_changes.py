@@ -29,6 +29,7 @@ from data.video_io import FrameRateWarning, encode_mp4
 from memflow_train.benchmarks import attention_backends, bank_exposure, cost_growth, dmd_step, memory_overhead
 from memflow_train.checks import IgnoredSettingWarning
 from memflow_train.evaluation.features import FeatureModelSpec
+from memflow_train.evaluation.narratives import ChunkGridWarning, EvalNarrative, warn_off_grid
 from memflow_train.generation.build import Recipe, load_generator, load_text_encoder, with_memory_flags
 from memflow_train.generation.cli import main as generate_main
 from memflow_train.generation.mp4 import Mp4Writer
@@ -508,3 +509,22 @@ def test_benchmark_errors_are_one_line(tmp_path: Path) -> None:
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.startswith("error: --repeats must be >= 1, got 0")
+
+
+# ----------------------------------------------------------------------------------- evaluation's chunk grid
+
+
+def test_evaluation_names_the_narratives_it_moves_to_the_chunk_grid() -> None:
+    """for_chunks rounded 40 frames up to 42 and the generator moved switch 10 to 12 without a word."""
+    off = EvalNarrative(Narrative(("a", "b", "c"), (10, 20), 40, "set:0"))
+    on = EvalNarrative(Narrative(("a", "b"), (6,), 12, "set:1"))
+    with pytest.warns(ChunkGridWarning) as record:
+        warn_off_grid([off, on], 3)
+    (warning,) = record
+    assert str(warning.message) == (
+        "1 of 2 narratives are generated on the 3-frame chunk grid (lengths rounded up to whole chunks, switches at "
+        "the next chunk start): set:0: num_frames 40 -> 42, switch_frames [10, 20] -> [12, 21]"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChunkGridWarning)
+        warn_off_grid([on], 3)

@@ -32,6 +32,7 @@ from callbacks.long_video.report import assemble, log_to, write_report
 from data.synthetic.datamodule import DemoDataModule
 from data.synthetic.demo import demo_dataset
 from memflow_train.checks import frame_rate, whole
+from memflow_train.evaluation.narratives import warn_off_grid
 from memflow_train.generation.pipeline import StreamingVideoPipeline
 from memflow_train.methods.specs import TextEncoderSpec, torch_dtype
 from memflow_train.models.text_encoder import WanTextEncoder
@@ -85,6 +86,7 @@ class LongVideoEvaluation(L.Callback):
         self._text_encoder: WanTextEncoder | None = None
         self._vae: VideoAutoencoder | None = None
         self._last_step: int | None = None
+        self._grid_checked = False  # the narratives' chunk-grid warning was given
         self.last_report: dict[str, Any] | None = None  # rank 0: the latest evaluation's report
 
     # ------------------------------------------------------------------------------------ hooks
@@ -130,6 +132,9 @@ class LongVideoEvaluation(L.Callback):
         try:
             with self._observing(module):
                 pipeline = self._pipeline(trainer, module)
+                if not self._grid_checked and trainer.is_global_zero:  # once per run, on one rank
+                    warn_off_grid(evaluator.narratives, pipeline.sampler.frames_per_chunk)
+                self._grid_checked = True
                 info = evaluator.protocol_info(pipeline)
                 evaluator.reset()
                 lockstep = shards_parameters(trainer.strategy)

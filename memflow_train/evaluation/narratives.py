@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ class EvalNarrative:
         return self.narrative.source
 
     def for_chunks(self, chunk: int) -> Narrative:
-        """The narrative as generated: num_frames rounded up to whole chunks."""
+        """The narrative as generated: num_frames rounded up to whole chunks (warn_off_grid says so, once
+        per narrative set)."""
         frames = -(-self.narrative.num_frames // chunk) * chunk
         return replace(self.narrative, num_frames=frames)
 
@@ -60,6 +62,33 @@ class EvalNarrative:
             "num_frames": n.num_frames,
             "world": self.world,
         }
+
+
+class ChunkGridWarning(UserWarning):
+    """Narratives whose length or switches are not on the generator's chunk grid: generated rounded up to whole
+    chunks, each switch taking effect at the next chunk start."""
+
+
+def warn_off_grid(narratives: list[EvalNarrative], chunk: int) -> None:
+    """One ChunkGridWarning for a narrative set, naming each narrative whose num_frames or switch frames the
+    generator moves to its `chunk`-frame grid, with the original and the used values (the report records them
+    too, as segment_starts and latent_frames)."""
+    moved = []
+    for item in narratives:
+        n = item.narrative
+        frames, starts = item.for_chunks(chunk).num_frames, item.segment_starts(chunk)[1:]
+        if frames != n.num_frames or tuple(starts) != n.switch_frames:
+            moved.append(
+                f"{item.name}: num_frames {n.num_frames} -> {frames}, switch_frames {list(n.switch_frames)} -> {starts}"
+            )
+    if moved:
+        shown = "; ".join(moved[:5]) + (f"; and {len(moved) - 5} more" if len(moved) > 5 else "")
+        warnings.warn(
+            f"{len(moved)} of {len(narratives)} narratives are generated on the {chunk}-frame chunk grid (lengths "
+            f"rounded up to whole chunks, switches at the next chunk start): {shown}",
+            ChunkGridWarning,
+            stacklevel=2,
+        )
 
 
 def video_frame_segments(latent_segments: torch.Tensor, temporal_stride: int) -> torch.Tensor:
