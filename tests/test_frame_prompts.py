@@ -13,7 +13,7 @@ from memflow_train.memory.window import AttentionWindow
 from memflow_train.methods import FlowMatchingFinetune
 from memflow_train.models.causal_wan import CausalWanTransformer, FramePrompts, TextContext
 from memflow_train.models.presets import wan_config
-from memflow_train.rollout import PromptSchedule, StreamingGenerator, batch_schedule
+from memflow_train.rollout import PromptSchedule, StreamingGenerator
 from memflow_train.sampling import FlowMatchSchedule
 from tests.method_helpers import dmd_module, prompt_batch
 
@@ -69,35 +69,50 @@ def test_segments_give_each_frame_its_prompt_and_bad_input_is_refused() -> None:
 
 
 @torch.no_grad()
-def test_a_batch_of_narratives_equals_each_narrative_generated_alone() -> None:
-    """Samples with their own prompts, switching at the same frames (recache at each), give what each gives alone."""
+@pytest.mark.parametrize("different", [False, True])
+def test_a_batch_of_narratives_equals_each_narrative_generated_alone(different: bool) -> None:
+    """Samples with their own prompts, switching at the same or at different frames (each recaches only its own
+    cache), give what each gives alone."""
     model, g = _model(), torch.Generator().manual_seed(3)
     memory = MemoryConfig(bank_size=2, record_interval=1, sink_size=3, local_attn_size=6, num_frame_per_block=3)
     sampler = StreamingGenerator(model, FlowMatchSchedule(), [1000], memory)  # one step: no renoising draws
     texts = [model.encode_text(torch.randn(2, 6, 16, generator=g)) for _ in range(3)]
-    starts = torch.tensor([[0, 6, 12], [0, 6, 12]])
+    starts = torch.tensor([[0, 6, 12], [0, 9, 18]] if different else [[0, 6, 12], [0, 6, 12]])
+    real = torch.tensor([[True, True, True], [True, True, not different]])
     noise = torch.randn(2, 4, 18, 4, 4, generator=g)
-    both = sampler.rollout(
-        sampler.new_stream(), noise, batch_schedule(texts, starts, torch.ones(2, 3, dtype=torch.bool))
-    )
+    both = sampler.rollout(sampler.new_stream(), noise, PromptSchedule.per_sample(texts, starts, real))
     for b in range(2):
         one = [TextContext([k[b : b + 1] for k in c.keys], [v[b : b + 1] for v in c.values]) for c in texts]
-        alone = sampler.rollout(
-            sampler.new_stream(), noise[b : b + 1], PromptSchedule([(0, one[0]), (6, one[1]), (12, one[2])])
-        )
+        segments = [(int(f), t) for f, t, r in zip(starts[b], one, real[b], strict=True) if r]
+        alone = sampler.rollout(sampler.new_stream(), noise[b : b + 1], PromptSchedule(segments))
         assert torch.allclose(both[b : b + 1], alone, atol=1e-5)
 
 
-def test_a_batch_switching_at_different_frames_is_refused() -> None:
-    """A recache under an unchanged prompt is not a no-op, so such samples cannot share one stream."""
+def test_per_sample_schedules_refuse_what_they_cannot_follow() -> None:
     text = _model().encode_text(torch.zeros(2, 6, 16))
     both = torch.ones(2, 2, dtype=torch.bool)
-    with pytest.raises(ValueError, match=r"switch prompts at different frames \(\[\(0, 3\), \(0, 6\)\]\)"):
-        batch_schedule([text, text], torch.tensor([[0, 3], [0, 6]]), both)
-    with pytest.raises(ValueError, match="different frames"):  # one sample has a second prompt, the other not
-        batch_schedule([text, text], torch.tensor([[0, 3], [0, 6]]), torch.tensor([[True, True], [True, False]]))
-    schedule = batch_schedule([text, text], torch.tensor([[0, 3], [0, 3]]), both)
-    assert schedule.switches_in(0, 10) == [3] and schedule.at(4) is text
+    with pytest.raises(ValueError, match="increase strictly"):
+        PromptSchedule.per_sample([text, text], torch.tensor([[0, 0], [0, 3]]), both)
+    with pytest.raises(ValueError, match="fixed"):
+        PromptSchedule.per_sample([text, text], torch.tensor([[0, -1], [0, 3]]), both)
+    with pytest.raises(ValueError, match="frame 0"):
+        PromptSchedule.per_sample([text, text], torch.tensor([[1, 4], [0, 3]]), both)
+    shared = PromptSchedule.per_sample([text, text], torch.tensor([[0, 3], [0, 3]]), both)
+    assert shared.sample_starts is None and shared.switches_in(0, 10) == [3] and shared.at(4) is text
+    padded = PromptSchedule.per_sample(
+        [text, text], torch.tensor([[0, -1], [0, 3]]), torch.tensor([[1, 0], [1, 1]]).bool()
+    )
+    assert padded.slots(5).tolist() == [0, 1] and padded.switching(3, 3).tolist() == [False, True]
+
+
+def test_a_recache_that_moves_the_sink_of_some_samples_only_is_refused() -> None:
+    model, g = _model(), torch.Generator().manual_seed(4)
+    memory = MemoryConfig(enabled=False, sink_size=3, local_attn_size=6, num_frame_per_block=3, recache_sink="replace")
+    sampler = StreamingGenerator(model, FlowMatchSchedule(), [1000], memory)
+    texts = [model.encode_text(torch.randn(2, 6, 16, generator=g)) for _ in range(2)]
+    schedule = PromptSchedule.per_sample(texts, torch.tensor([[0, 6], [0, 9]]), torch.ones(2, 2, dtype=torch.bool))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="cannot share a stream in this mode"):
+        sampler.rollout(sampler.new_stream(), torch.randn(2, 4, 12, 4, 4, generator=g), schedule)
 
 
 def _narrative_batch(switch: int) -> SimpleNamespace:

@@ -15,9 +15,9 @@ def test_sequence_grows_switches_once_with_recache_and_restarts() -> None:
     lengths, switches, recaches = [], [], []
     original_recache = module.sampler.recache
 
-    def spy_recache(stream, text):
+    def spy_recache(stream, text, rows=None):
         recaches.append(stream.next_frame)
-        original_recache(stream, text)
+        original_recache(stream, text, rows)
 
     module.sampler.recache = spy_recache
     original_step = module.training_step

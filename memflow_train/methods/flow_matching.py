@@ -39,8 +39,9 @@ from memflow_train.methods.specs import (
 )
 from memflow_train.methods.step_log import StepLog
 from memflow_train.models.causal_wan import FramePrompts
-from memflow_train.rollout import PromptSchedule, StreamingGenerator, batch_schedule
+from memflow_train.rollout import PromptSchedule, StreamingGenerator
 from memflow_train.sampling import FlowMatchSchedule, SampleNoise
+from memflow_train.strategies.zero import Lockstep
 
 
 class LatentBatch(Protocol):
@@ -187,8 +188,12 @@ class FlowMatchingFinetune(LightningModule):
                 f"samples {short} have fewer latent frames than one chunk of {n}: set the DataModule's "
                 f"min_latent_frames to {n} (or more) to skip them"
             )
-        usable = int(chunks.max()) * n
-        return batch.latents[:, :, :usable].to(self.device, self.model.dtype), chunks.to(self.device)
+        usable = Lockstep(self).max(int(chunks.max())) * n  # under sharding every rank runs as many chunks
+        latents = batch.latents[:, :, :usable]
+        if latents.shape[2] < usable:  # another rank's sample is longer: padding, outside every loss
+            pad = latents.new_zeros((*latents.shape[:2], usable - latents.shape[2], *latents.shape[3:]))
+            latents = torch.cat([latents, pad], 2)
+        return latents.to(self.device, self.model.dtype), chunks.to(self.device)
 
     def flow_matching_loss(
         self,
@@ -214,13 +219,11 @@ class FlowMatchingFinetune(LightningModule):
         if starts is None:
             prompts = PromptSchedule.single(contexts[0])
         else:
-            prompts = batch_schedule(contexts, starts, mask.any(-1))
+            prompts = PromptSchedule.per_sample(contexts, starts, mask.any(-1))
         stream = self.writer.new_stream()
         losses = []
         for c in range(chunks):
-            text = prompts.at(c * n)
-            if c > 0 and prompts.switches_in(c * n - n + 1, c * n + 1):
-                self.writer.recache(stream, text)  # as generation does before the first chunk of a new prompt
+            text = self.writer.prompt_for_chunk(stream, prompts, c * n, b, Lockstep(self).any)  # recache at switches
             x0_c, noise_c = x0[:, :, c * n : (c + 1) * n], noise[:, :, c * n : (c + 1) * n]
             x_t = self.schedule.add_noise(x0_c, noise_c, t[:, c])
             flow = self.model.forward_chunk(x_t, t[:, c], text, stream.cache)
@@ -238,7 +241,8 @@ class FlowMatchingFinetune(LightningModule):
         sample_chunks: torch.Tensor | None,
     ) -> torch.Tensor:
         """One timestep per sample over the whole sequence. Samples of different lengths run in separate
-        forwards (one per length), so no sample attends another's padding or is cut to a shorter one."""
+        forwards (one per length), so no sample attends another's padding or is cut to a shorter one; under
+        parameter sharding every rank runs every rank's lengths (a length it lacks on its first sample, unused)."""
         n = self.memory.num_frame_per_block
         t = self.schedule.training_timesteps(rng, *self.hparams.timestep_range).to(self.device)
         noise = rng.randn(tuple(x0.shape), self.device, x0.dtype)
@@ -246,8 +250,12 @@ class FlowMatchingFinetune(LightningModule):
         lengths = torch.full((x0.shape[0],), x0.shape[2] // n, device=self.device)
         lengths = lengths if sample_chunks is None else sample_chunks
         per_chunk = x0.new_zeros(x0.shape[0], x0.shape[2] // n, dtype=torch.float32)
-        for length in sorted(set(lengths.tolist())):
+        local = set(lengths.tolist())
+        for length in sorted(Lockstep(self).union(local, x0.shape[2] // n + 1)):
             rows, frames = torch.nonzero(lengths == length).squeeze(1), length * n
+            if length not in local:  # only another rank has this length: the same forward, discarded
+                self.model(x_t[:1, :, :frames], t[:1], embeds[:1, 0])
+                continue
             if starts is None:
                 text = embeds[rows, 0]
             else:

@@ -48,8 +48,9 @@ from memflow_train.methods.specs import (
 )
 from memflow_train.methods.step_log import StepLog
 from memflow_train.models.causal_wan import CausalWanTransformer, FramePrompts, TextContext
-from memflow_train.rollout import PromptSchedule, StreamingGenerator, batch_schedule
+from memflow_train.rollout import PromptSchedule, StreamingGenerator
 from memflow_train.sampling import FlowMatchSchedule, SampleNoise, seeded
+from memflow_train.strategies.zero import Lockstep
 
 # Wan2.1's default negative prompt (the text its T2V pipeline uses).
 WAN_NEGATIVE_PROMPT = (
@@ -339,11 +340,13 @@ class SelfForcingDMD(LightningModule):
             if texts.switches_fixed:
                 slots = range(texts.embeds.shape[1])
                 contexts = [self._context(self.generator, texts.embeds[:, p], texts.mask[:, p]) for p in slots]
-                prompts = batch_schedule(contexts, texts.segment_start, texts.mask.any(-1))
+                prompts = PromptSchedule.per_sample(contexts, texts.segment_start, texts.mask.any(-1))
             else:
                 prompts = PromptSchedule.single(self._context(self.generator, texts.embeds[:, 0], texts.mask[:, 0]))
         stream = self.sampler.new_stream()
-        return self.sampler.rollout(stream, noise, prompts, exit_steps, 0 if grad else None, noise_rng).float()
+        return self.sampler.rollout(
+            stream, noise, prompts, exit_steps, 0 if grad else None, noise_rng, Lockstep(self).any
+        ).float()
 
     def distribution_matching_loss(
         self,

@@ -5,9 +5,12 @@ recent clean frames), the prompt pair, the switch frame and the frames generated
 step continues the sequence by frames_per_step frames (exit-step gradients on generator steps),
 supervises the last `window` frames with the DMD loss only on the new frames, and trains the
 critic on the same window. A sequence restarts from the current batch once it reaches
-max_length. Each sequence switches prompt once, at a random chunk drawn identically on every
-rank; at the switch the recent frames are re-encoded under the new prompt (recache). The state
-is saved in checkpoints, so a resumed run continues the same sequence.
+max_length. A narrative whose switch frames the data fixes is followed as it is: every prompt
+from its start frame, and the teacher and critic see each window frame's own prompt. Otherwise
+(prompt pairs, switch -1) each sequence switches prompt once, at a random chunk drawn identically
+on every rank, and the window is scored under the prompt at its end. At every switch the recent
+frames are re-encoded under the new prompt (recache). The state is saved in checkpoints, so a
+resumed run continues the same sequence.
 """
 
 from __future__ import annotations
@@ -22,14 +25,17 @@ from memflow_train.checks import whole
 from memflow_train.memory import MemoryConfig
 from memflow_train.methods.hparams import coerce
 from memflow_train.methods.self_forcing import PromptBatch, SelfForcingDMD, TextBatch
+from memflow_train.models.causal_wan import FramePrompts
 from memflow_train.rollout import PromptSchedule, Stream
+from memflow_train.strategies.zero import Lockstep
 
 
 @dataclass
 class SequenceState:
     stream: Stream
-    texts: TextBatch  # prompt slots 0 (before the switch) and 1 (after it)
-    switch_frame: int
+    texts: TextBatch  # prompt slots 0 (before the switch) and 1 (after it), or the narrative's (switches fixed)
+    switch_frame: int  # the drawn switch (-1 when the narrative fixes its switches)
+    end: int  # the sequence's length: max_length, or the narrative's when shorter
     history: torch.Tensor | None = None  # (B, C, n, H, W): the last generated frames still in the window
 
     @property
@@ -38,12 +44,19 @@ class SequenceState:
 
     def state_dict(self) -> dict:
         t = self.texts
+        texts = {"embeds": t.embeds, "mask": t.mask, "negative": t.negative, "negative_mask": t.negative_mask}
         return {
             "stream": self.stream.state_dict(),
-            "texts": {"embeds": t.embeds, "mask": t.mask, "negative": t.negative, "negative_mask": t.negative_mask},
+            "texts": {**texts, "segment_start": t.segment_start},
             "switch_frame": self.switch_frame,
+            "end": self.end,
             "history": self.history,
         }
+
+    @property
+    def narrative(self) -> bool:
+        """The data fixes the switches: the narrative's prompts are followed."""
+        return self.switch_frame < 0
 
 
 class StreamingLongTuning(SelfForcingDMD):
@@ -88,6 +101,12 @@ class StreamingLongTuning(SelfForcingDMD):
 
     def _start_sequence(self, batch: PromptBatch, step: int) -> SequenceState:
         texts = self._texts(batch)
+        if texts.switches_fixed:
+            n = self.memory.num_frame_per_block
+            end = min(self.max_length, int(batch.num_frames.min()) // n * n)
+            if end < n:
+                raise ValueError(f"narratives of {int(batch.num_frames.min())} latent frames hold no {n}-frame chunk")
+            return SequenceState(self.sampler.new_stream(), texts, -1, end)
         # Samples with one prompt keep it after the switch (their padded slot 1 is empty).
         single = ~texts.mask[:, 1:2].any(-1) if texts.mask.shape[1] > 1 else None
         if single is None:
@@ -102,19 +121,28 @@ class StreamingLongTuning(SelfForcingDMD):
         first, last = -(-self.min_switch_frame // n), self.max_length // n - 1
         chunk = int(torch.randint(first, max(first, last) + 1, (1,), generator=self._shared_rng(step, "switch")))
         return SequenceState(
-            self.sampler.new_stream(), TextBatch(embeds, mask, texts.negative, texts.negative_mask), chunk * n
+            self.sampler.new_stream(),
+            TextBatch(embeds, mask, texts.negative, texts.negative_mask),
+            chunk * n,
+            self.max_length,
         )
 
     def _prompts(self, state: SequenceState, grad: bool) -> PromptSchedule:
+        t = state.texts
         with torch.set_grad_enabled(grad):
-            a = self._context(self.generator, state.texts.embeds[:, 0], state.texts.mask[:, 0])
-            b = self._context(self.generator, state.texts.embeds[:, 1], state.texts.mask[:, 1])
+            if state.narrative:
+                contexts = [
+                    self._context(self.generator, t.embeds[:, p], t.mask[:, p]) for p in range(t.embeds.shape[1])
+                ]
+                return PromptSchedule.per_sample(contexts, t.segment_start, t.mask.any(-1))
+            a = self._context(self.generator, t.embeds[:, 0], t.mask[:, 0])
+            b = self._context(self.generator, t.embeds[:, 1], t.mask[:, 1])
         return PromptSchedule([(0, a), (state.switch_frame, b)])
 
     def continue_sequence(self, state: SequenceState, step: int, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Generate the next frames; returns the supervised window and the mask of its new frames."""
         b, c = state.texts.embeds.shape[0], self.generator.config.in_channels
-        new = min(self.frames_per_step, self.max_length - state.length)
+        new = min(self.frames_per_step, state.end - state.length)
         rng = self._sample_noise(step, "stream/noise", b)
         noise = rng.randn((b, c, new, *self.latent_size), self.device, self.generator.dtype)
         exit_steps = self._draw_exit_steps(
@@ -123,7 +151,13 @@ class StreamingLongTuning(SelfForcingDMD):
         self.last_exit_steps = exit_steps
         start = state.length
         x_new = self.sampler.rollout(
-            state.stream, noise, self._prompts(state, grad), exit_steps, start if grad else None, rng
+            state.stream,
+            noise,
+            self._prompts(state, grad),
+            exit_steps,
+            start if grad else None,
+            rng,
+            Lockstep(self).any,
         ).float()
         past = state.history if state.history is not None else x_new[:, :, :0]
         window = torch.cat([past, x_new], 2)[:, :, -self.window :]
@@ -133,7 +167,11 @@ class StreamingLongTuning(SelfForcingDMD):
         mask[:, :, -new:] = True
         return window, mask
 
-    def _prompt_at_window_end(self, state: SequenceState) -> torch.Tensor:
+    def _window_condition(self, state: SequenceState, frames: int) -> torch.Tensor | FramePrompts:
+        """What conditions the teacher and critic on the last `frames` frames: each frame's own prompt when the
+        narrative fixes them, else the prompt at the window's end."""
+        if state.narrative:
+            return state.texts.frame_prompts(frames, offset=state.length - frames)
         slot = 1 if state.length - 1 >= state.switch_frame else 0
         return state.texts.embeds[:, slot]
 
@@ -144,14 +182,14 @@ class StreamingLongTuning(SelfForcingDMD):
         if self._pending_state is not None:
             self.sequence = self._restore_sequence(self._pending_state)
             self._pending_state = None
-        if self.sequence is None or self.sequence.length >= self.max_length:
+        if self.sequence is None or self.sequence.length >= self.sequence.end:
             self.sequence = self._start_sequence(batch, step)
         state = self.sequence
         train_generator = step % self.hparams.gen_update_ratio == 0
         switched_before = state.length >= state.switch_frame
 
         window, mask = self.continue_sequence(state, step, grad=train_generator)
-        cond = self._prompt_at_window_end(state)
+        cond = self._window_condition(state, window.shape[2])
         losses: dict[str, torch.Tensor] = {}
         if train_generator:
             losses["generator"], logs = self.distribution_matching_loss(window, cond, state.texts.negative, step, mask)
@@ -160,7 +198,10 @@ class StreamingLongTuning(SelfForcingDMD):
         losses["critic"] = self.critic_loss(window.detach(), cond, step)
         self.update_networks(losses, step)
         self.step_log.put("train/sequence_length", float(state.length))
-        self.step_log.put("train/prompt_switched", float(not switched_before and state.length >= state.switch_frame))
+        if not state.narrative:
+            self.step_log.put(
+                "train/prompt_switched", float(not switched_before and state.length >= state.switch_frame)
+            )
         self.step_log.flush(self)
 
     # ------------------------------------------------------------------------------------ checkpoints
@@ -186,9 +227,10 @@ class StreamingLongTuning(SelfForcingDMD):
         stream = self.sampler.new_stream()
         stream.load_state_dict(_to_device(state["stream"], self.device))
         t = _to_device(state["texts"], self.device)
-        texts = TextBatch(t["embeds"], t["mask"], t["negative"], t["negative_mask"])
+        texts = TextBatch(t["embeds"], t["mask"], t["negative"], t["negative_mask"], t.get("segment_start"))
         history = state["history"].to(self.device) if state["history"] is not None else None
-        return SequenceState(stream, texts, int(state["switch_frame"]), history)
+        end = int(state.get("end", self.max_length))
+        return SequenceState(stream, texts, int(state["switch_frame"]), end, history)
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

@@ -10,12 +10,15 @@ At a prompt switch the recent frames are re-encoded under the new prompt (recach
 rewinds and the clean latents kept in `Stream.recent` are run again as its plan says
 (memflow_train.memory.recache: chunkwise or joint, what happens to the sink), so the next chunk
 sees them with the new prompt's cross-attention. The memory bank keeps what it had; its next
-retrieval scores with the new prompt.
+retrieval scores with the new prompt. When only some samples of a batch switch, the others keep
+their cache exactly as it was (a recache is not a no-op even under an unchanged prompt: it
+re-reads the held frames without those the window had evicted).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 
@@ -135,9 +138,18 @@ class StreamingGenerator:
         stream.remember(clean)
 
     @torch.no_grad()
-    def recache(self, stream: Stream, text: TextContext) -> None:
-        """Re-encode the frames the next chunks attend under a new prompt (memflow_train.memory.recache)."""
+    def recache(self, stream: Stream, text: TextContext, rows: torch.Tensor | None = None) -> None:
+        """Re-encode the frames the next chunks attend under a new prompt (memflow_train.memory.recache).
+
+        rows (B,) bool: the samples that switch; the others' cache is left exactly as it was (default: all
+        switch). Raises RuntimeError when the recache moves frames so that rows cannot be kept apart (the
+        'replace' sink of a batch whose samples switch at different frames)."""
         if stream.recent is None:
+            return
+        if rows is not None and not bool(rows.all()):
+            before = stream.cache.state_dict()
+            self.recache(stream, text)
+            stream.cache.load_state_dict(_keep_rows(before, stream.cache.state_dict(), ~rows.to(stream.recent.device)))
             return
         t = stream.next_frame
         plan = plan_recache(self.memory, t)
@@ -158,6 +170,25 @@ class StreamingGenerator:
                 write_from=max(a, plan.rewind_to),
             )
 
+    def prompt_for_chunk(
+        self,
+        stream: Stream,
+        prompts: PromptSchedule,
+        start: int,
+        batch: int,
+        any_rank: Callable[[bool], bool] | None = None,
+    ) -> TextContext:
+        """The text of the chunk starting at `start`; first, if it is the first chunk of a new prompt for some
+        samples (a switch frame inside the previous chunk or at its start), their recache. any_rank: see
+        rollout."""
+        text = prompts.at(start)
+        rows = prompts.switching(start, self.frames_per_chunk)
+        rows = torch.full((batch,), rows) if isinstance(rows, bool) else rows
+        switch = bool(rows.any())
+        if any_rank(switch) if any_rank is not None else switch:
+            self.recache(stream, text, rows)
+        return text
+
     def rollout(
         self,
         stream: Stream,
@@ -166,12 +197,15 @@ class StreamingGenerator:
         exit_steps: list[int] | None = None,
         grad_from_frame: int | None = None,
         generator: torch.Generator | SampleNoise | None = None,
+        any_rank: Callable[[bool], bool] | None = None,
     ) -> torch.Tensor:
         """Generate noise.shape[2] frames (whole chunks) continuing `stream`; returns their x0.
 
         exit_steps[c] is chunk c's exit step (default: all steps). Chunks starting at or after
         absolute frame grad_from_frame keep the exit step's graph (None: no gradients).
-        A prompt switch inside the generated span triggers a recache before its chunk.
+        A prompt switch inside the generated span triggers a recache before its chunk (of the samples
+        that switch). any_rank(flag) -> whether any rank's flag is set: under parameter sharding every
+        rank must run the same forwards, so a rank recaches (keeping all its rows) when another does.
         """
         n = self.frames_per_chunk
         if noise.shape[2] % n:
@@ -182,15 +216,31 @@ class StreamingGenerator:
         outputs = []
         for c in range(chunks):
             start = stream.next_frame
-            text = prompts.at(start)
-            if start > 0 and prompts.switches_in(start - n + 1, start + 1):
-                self.recache(stream, text)  # the first chunk starting at or after a switch frame
+            text = self.prompt_for_chunk(stream, prompts, start, noise.shape[0], any_rank)
             grad = grad_from_frame is not None and start >= grad_from_frame
             exit_step = None if exit_steps is None else exit_steps[c]
             x0 = self.denoise_chunk(stream, noise[:, :, c * n : (c + 1) * n], text, exit_step, grad, generator)
             self.write_chunk(stream, x0.detach(), text, generator)
             outputs.append(x0)
         return torch.cat(outputs, 2)
+
+
+def _keep_rows(before: object, after: object, keep: torch.Tensor) -> object:
+    """A cache state whose rows `keep` (batch dimension 0 of every tensor) are `before`'s, the others `after`'s.
+    Raises RuntimeError when the two differ in anything but tensor values."""
+    if isinstance(before, dict) and isinstance(after, dict) and before.keys() == after.keys():
+        # floor: the lowest frame a rewind kept, the same frames for every row (their values differ)
+        return {k: after[k] if k == "floor" else _keep_rows(before[k], after[k], keep) for k in before}
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [_keep_rows(b, a, keep) for b, a in zip(before, after, strict=True)]
+    if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.shape == after.shape:
+        return torch.where(keep.view(-1, *[1] * (before.ndim - 1)), before, after)
+    if before == after:
+        return after
+    raise RuntimeError(
+        "a recache of some samples of a batch moved the cache of all (e.g. recache_sink 'replace'): samples "
+        "switching at different frames cannot share a stream in this mode; use batch_size 1 or shared switch frames"
+    )
 
 
 def _randn_like(x: torch.Tensor, source: torch.Generator | SampleNoise | None) -> torch.Tensor:

@@ -37,3 +37,34 @@ def shards_parameters(strategy: object) -> bool:
     if isinstance(strategy, DeepSpeedStrategy):
         return bool(strategy.zero_stage_3)
     return isinstance(strategy, FSDPStrategy | ModelParallelStrategy)
+
+
+class Lockstep:
+    """Agreement between ranks on what decides the number of forwards, for a LightningModule's trainer.
+
+    Under parameter sharding every rank must run the same forwards, so data-dependent counts (chunks of the
+    longest sample, a recache at a prompt switch, one forward per sample length) are agreed on first; without
+    sharding (or outside a trainer) every method returns the local value and communicates nothing."""
+
+    def __init__(self, module: object) -> None:
+        trainer = getattr(module, "_trainer", None)
+        self.strategy = trainer.strategy if trainer is not None and shards_parameters(trainer.strategy) else None
+
+    def any(self, flag: bool) -> bool:
+        """Whether any rank's flag is set."""
+        return flag if self.strategy is None else bool(self.strategy.reduce_boolean_decision(flag, all=False))
+
+    def max(self, value: int) -> int:
+        """The largest value over ranks."""
+        if self.strategy is None:
+            return value
+        return int(self.strategy.reduce(torch.tensor(float(value), device=self.strategy.root_device), reduce_op="max"))
+
+    def union(self, values: set[int], bound: int) -> set[int]:
+        """Every rank's values (integers in [0, bound))."""
+        if self.strategy is None:
+            return set(values)
+        present = torch.zeros(bound, device=self.strategy.root_device)
+        present[list(values)] = 1.0
+        present = self.strategy.reduce(present, reduce_op="max")
+        return {int(i) for i in torch.nonzero(present).flatten().tolist()}
