@@ -49,7 +49,11 @@ RESUMABLE = (
     "memory.",
     "gradient_checkpointing",
     "nonfinite",
+    "max_skipped_updates",
 )
+# Lightning's ckpt_path aliases: resolved by the Trainer after this CLI's resume check would have run, and in a
+# run's own checkpoint folder (empty for a new run), so they are refused for a path.
+CKPT_ALIASES = ("last", "best", "hpc")
 
 
 def _plain(value: Any) -> Any:
@@ -106,7 +110,15 @@ class MemflowCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         model = self.config[subcommand].get("model") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).exists() or not getattr(model, "class_path", None):
+        if ckpt_path in CKPT_ALIASES or str(ckpt_path).startswith("registry:"):
+            raise SystemExit(
+                f"error: --ckpt_path {ckpt_path}: pass the checkpoint's path (e.g. outputs/RUN/logs/version_N/"
+                f"checkpoints/last.ckpt, printed at the end of each run), so its settings can be checked against "
+                f"the config; Lightning resolves {ckpt_path!r} later, in this run's own (new) checkpoint folder"
+            )
+        if ckpt_path and not Path(ckpt_path).exists():
+            raise SystemExit(f"error: --ckpt_path {ckpt_path}: no such checkpoint file or DeepSpeed folder")
+        if not ckpt_path or not getattr(model, "class_path", None):
             return super()._parse_ckpt_path()
         if is_deepspeed_checkpoint(Path(ckpt_path)):  # Lightning reads no hyperparameters from these
             saved = deepspeed_client_state(ckpt_path).get("hyper_parameters") or {}

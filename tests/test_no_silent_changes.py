@@ -28,6 +28,7 @@ from data.reading import expand_urls, iter_raw_samples
 from data.video_io import FrameRateWarning, encode_mp4
 from memflow_train.benchmarks import attention_backends, bank_exposure, cost_growth, dmd_step, memory_overhead
 from memflow_train.checks import IgnoredSettingWarning
+from memflow_train.cli import MemflowCLI
 from memflow_train.evaluation.features import FeatureModelSpec
 from memflow_train.evaluation.narratives import ChunkGridWarning, EvalNarrative, warn_off_grid
 from memflow_train.generation.build import Recipe, load_generator, load_text_encoder, with_memory_flags
@@ -528,3 +529,37 @@ def test_evaluation_names_the_narratives_it_moves_to_the_chunk_grid() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", ChunkGridWarning)
         warn_off_grid([on], 3)
+
+
+# ----------------------------------------------------------------------------------- resume
+
+
+class _Parsed(Exception):
+    pass
+
+
+class _ParseOnly(MemflowCLI):
+    """Stops after parsing and the resume check (before any model or data is built)."""
+
+    def before_instantiate_classes(self) -> None:
+        raise _Parsed
+
+
+@pytest.mark.parametrize("alias", ["last", "best"])
+def test_resume_aliases_are_refused_for_a_path(alias: str) -> None:
+    """Lightning resolves them after the settings check, which then never ran."""
+    with pytest.raises(SystemExit, match=f"--ckpt_path {alias}: pass the checkpoint's path"):
+        _ParseOnly(args=["fit", "--config", str(DEMO), "--ckpt_path", alias])
+    with pytest.raises(SystemExit, match="--ckpt_path nowhere.ckpt: no such checkpoint"):
+        _ParseOnly(args=["fit", "--config", str(DEMO), "--ckpt_path", "nowhere.ckpt"])
+
+
+def test_max_skipped_updates_may_change_at_resume(tmp_path: Path) -> None:
+    cli = MemflowCLI(args=["--config", str(DEMO)], run=False)
+    hparams = {k: v for k, v in cli.model.hparams.items() if k != "_instantiator"}
+    torch.save({"hyper_parameters": hparams}, tmp_path / "saved.ckpt")
+    args = ["fit", "--config", str(DEMO), "--ckpt_path", str(tmp_path / "saved.ckpt")]
+    with pytest.raises(_Parsed):
+        _ParseOnly(args=[*args, "--model.init_args.max_skipped_updates=7"])
+    with pytest.raises(SystemExit, match="seed: 0 in the checkpoint, 3 now"):
+        _ParseOnly(args=[*args, "--model.init_args.seed=3"])
