@@ -174,44 +174,101 @@ class MemflowCLI(LightningCLI):
 # ------------------------------------------------------------------------------------------ errors
 
 
+def _members(target: Any) -> dict[str, Any] | None:
+    """The settable names of a dataclass or a class's __init__, with their type hints."""
+    if dataclasses.is_dataclass(target):
+        hints = typing.get_type_hints(target)
+        return {f.name: hints.get(f.name) for f in dataclasses.fields(target)}
+    if isinstance(target, type):  # an __init__ passing **kwargs on takes its base class's arguments too
+        out: dict[str, Any] = {}
+        for cls in target.__mro__:
+            if "__init__" not in vars(cls) or cls is object:
+                continue
+            params = inspect.signature(cls.__init__).parameters
+            hints = typing.get_type_hints(cls.__init__)
+            out.update({n: hints.get(n) for n in params if n not in ("self", "args", "kwargs") and n not in out})
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                break
+        return out
+    return None
+
+
+def _inner(hint: Any) -> Any:
+    """The class inside an Optional / Union hint (MemoryConfig | None -> MemoryConfig)."""
+    return next((a for a in typing.get_args(hint) if isinstance(a, type)), hint)
+
+
+def _group_path(target: Any, group: str, depth: int = 3) -> list[str] | None:
+    """The path of keys from `target` to its nested settings group (a dataclass) named `group`."""
+    members = _members(target) or {}
+    if group in members:
+        return [group]
+    for name, hint in members.items():
+        sub = _inner(hint)
+        if depth and dataclasses.is_dataclass(sub) and isinstance(sub, type):
+            found = _group_path(sub, group, depth - 1)
+            if found:
+                return [name, *found]
+    return None
+
+
+def _bad_key(text: str) -> tuple[str, list[str], bool] | None:
+    """(where: model / data / trainer / "", the path of the unknown key, whether it came as a flag) read from a
+    jsonargparse error, for flags (unrecognized arguments) and config-file keys (not accepted options)."""
+    where = re.search(r'Parser key "(model|data)"', text)
+    where = where.group(1) if where else "model"
+    if match := re.search(r"unrecognized arguments: --([\w.]+)", text):
+        path = match.group(1).split(".")
+        return ("trainer", path[1:], True) if path[0] == "trainer" else (where, path, True)
+    if match := re.search(r"does not accept option '(trainer)\.([\w.]+)'", text):
+        return "trainer", match.group(2).split("."), False
+    if match := re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", text):
+        return where, [f"group:{match.group(1)}", *match.group(2).split(".")], False
+    if match := re.search(r"Option '([\w.]+)' is not accepted", text):
+        return where, match.group(1).split("."), False
+    return None
+
+
 def did_you_mean(model_class: str | None, text: str) -> str | None:
-    """For 'unrecognized arguments: --a.b=...' (under a model class_path, or a trainer key): the closest
-    existing key, the rest of the given path kept, if any."""
-    match = re.search(r"unrecognized arguments: --([\w.]+)", text)
-    if match is None:
+    """For a jsonargparse error about an unknown key: the closest existing key, the rest of the given path kept,
+    if any. Flags ('unrecognized arguments: --a.b=...') and config-file keys ('Group
+    'memory' does not accept option 'bank_sise'', 'Option 'num_frame' is not accepted' under a model or data
+    class_path, or a trainer key) alike give the key's full path, e.g. 'model.init_args.memory.bank_size'."""
+    found = _bad_key(text)
+    if found is None:
         return None
-    path = match.group(1).split(".")
-    prefix: list[str] = []
-    if path[0] == "trainer":
+    where, path, _ = found
+    if where == "trainer":
         from lightning.pytorch import Trainer
 
         target: Any = Trainer
-        prefix, path = ["trainer"], path[1:]
+        prefix = ["trainer"]
     elif model_class is not None:
         try:
             module, _, name = model_class.rpartition(".")
             target = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
             return None
-        prefix = ["model", "init_args"]
+        prefix = [where, "init_args"]
     else:
         return None
+    if path and path[0].startswith("group:"):  # a config file's nested group: find where it sits
+        group = _group_path(target, path[0].removeprefix("group:").split(".")[-1])
+        if group is None:
+            return None
+        path = [*group, *path[1:]]
     fixed: list[str] = []
     for i, part in enumerate(path):
-        if dataclasses.is_dataclass(target):
-            hints = typing.get_type_hints(target)
-            names = {f.name: hints.get(f.name) for f in dataclasses.fields(target)}
-        elif isinstance(target, type):
-            params = inspect.signature(target.__init__).parameters
-            hints = typing.get_type_hints(target.__init__)
-            names = {n: hints.get(n) for n in params if n not in ("self", "args", "kwargs")}
-        else:
+        names = _members(target)
+        if names is None:
             return None
         if part not in names:
             close = difflib.get_close_matches(part, list(names), n=1)
-            return ".".join([*prefix, *fixed, close[0], *path[i + 1 :]]) if close else None
+            if not close:
+                return None
+            return ".".join([*prefix, *fixed, close[0], *path[i + 1 :]])
         fixed.append(part)
-        target = next((a for a in typing.get_args(names[part]) if isinstance(a, type)), names[part])
+        target = _inner(names[part])
     return None
 
 
@@ -223,7 +280,10 @@ def _cli(argv: list[str] | None) -> None:
         text = str(err)
         model = re.search(r"class_path '([\w.]+)'", text)
         suggestion = did_you_mean(model.group(1) if model else None, text)
-        raise ValueError(text + (f"\ndid you mean --{suggestion}?" if suggestion else "")) from None
+        if suggestion is not None:
+            flag = (found := _bad_key(text)) is not None and found[2]
+            text += f"\ndid you mean --{suggestion}?" if flag else f"\ndid you mean {suggestion} (in the config)?"
+        raise ValueError(text) from None
 
 
 def run(argv: list[str] | None = None) -> None:

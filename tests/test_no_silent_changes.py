@@ -29,6 +29,7 @@ from data.video_io import FrameRateWarning, encode_mp4
 from memflow_train.benchmarks import attention_backends, bank_exposure, cost_growth, dmd_step, memory_overhead
 from memflow_train.checks import IgnoredSettingWarning
 from memflow_train.cli import MemflowCLI
+from memflow_train.cli import run as train_run
 from memflow_train.evaluation.features import FeatureModelSpec
 from memflow_train.evaluation.narratives import ChunkGridWarning, EvalNarrative, warn_off_grid
 from memflow_train.generation.build import Recipe, load_generator, load_text_encoder, with_memory_flags
@@ -563,3 +564,33 @@ def test_max_skipped_updates_may_change_at_resume(tmp_path: Path) -> None:
         _ParseOnly(args=[*args, "--model.init_args.max_skipped_updates=7"])
     with pytest.raises(SystemExit, match="seed: 0 in the checkpoint, 3 now"):
         _ParseOnly(args=[*args, "--model.init_args.seed=3"])
+
+
+# ----------------------------------------------------------------------------------- did you mean, in config files
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "suggestion"),
+    [
+        (["model", "init_args", "memory"], "bank_sise", "model.init_args.memory.bank_size"),
+        (["model", "init_args", "generator_optimizer"], "lrr", "model.init_args.generator_optimizer.lr"),
+        (["model", "init_args"], "num_frame", "model.init_args.num_frames"),
+        (["trainer"], "max_step", "trainer.max_steps"),
+        (["data", "init_args"], "batch_sise", "data.init_args.batch_size"),
+    ],
+)
+def test_unknown_config_file_keys_get_a_did_you_mean(
+    tmp_path: Path, section: list[str], key: str, suggestion: str
+) -> None:
+    """Only flags had one: a config file's bank_sise gave "Group 'memory' does not accept option 'bank_sise'"."""
+    config = yaml.safe_load(DEMO.read_text())
+    node = config
+    for part in section:
+        node = node[part]
+    node[key] = 2
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_:
+        train_run(["fit", "--config", str(tmp_path / "c.yaml")])
+    text = str(exit_.value.code)
+    assert f"did you mean {suggestion} (in the config)?" in text, text
+    assert key in text and len(text.splitlines()) <= 4 and "Traceback" not in text
