@@ -49,17 +49,37 @@ def export(
     return model
 
 
+def output_format(output: str | Path, fmt: str | None) -> str:
+    """The export format: --format, else what OUTPUT says (a .safetensors file, else a diffusers folder). A
+    format that contradicts the name is refused: a folder named x.safetensors, or a single file without it."""
+    single = Path(output).suffix.lower() == ".safetensors"
+    if fmt is None:
+        return "safetensors" if single else "diffusers"
+    if fmt == "diffusers" and single:
+        raise ValueError(
+            f"--format diffusers writes a folder, but {output} is named like a file: drop --format (a .safetensors "
+            "OUTPUT is one safetensors file) or name the folder otherwise"
+        )
+    if fmt == "safetensors" and not single:
+        raise ValueError(f"--format safetensors writes one file: name it *.safetensors, got {output}")
+    return fmt
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m memflow_train.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", help="a memflow-train .ckpt file or DeepSpeed checkpoint directory")
-    parser.add_argument("output", help="a folder (--format diffusers) or a .safetensors file")
+    parser.add_argument("output", help="a folder (diffusers) or a .safetensors file")
     parser.add_argument("--network", default=None, help="generator, critic or model (default: the trained one)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--live-weights", action="store_true", help="export the live weights, not the EMA")
     weights.add_argument("--ema", action="store_true", help="require the EMA weights (error if the run has none yet)")
-    parser.add_argument("--format", default="diffusers", choices=["diffusers", "safetensors"])
+    parser.add_argument(
+        "--format",
+        choices=["diffusers", "safetensors"],
+        help="default: safetensors when OUTPUT ends in .safetensors, else diffusers",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(
         "--trust-checkpoint",
@@ -67,8 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         help="accept checkpoint files that hold objects outside the safe allow-list (loading them can run code)",
     )
     args = parser.parse_args(argv)
+    fmt = output_format(args.output, args.format)
     ema = False if args.live_weights else (True if args.ema else None)
-    model = export(args.checkpoint, args.output, args.network, ema, args.format, args.dtype, args.trust_checkpoint)
+    model = export(args.checkpoint, args.output, args.network, ema, fmt, args.dtype, args.trust_checkpoint)
     print(f"wrote {args.output}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
 

@@ -32,12 +32,14 @@ from memflow_train.cli import MemflowCLI
 from memflow_train.cli import run as train_run
 from memflow_train.evaluation.features import FeatureModelSpec
 from memflow_train.evaluation.narratives import ChunkGridWarning, EvalNarrative, warn_off_grid
+from memflow_train.export import main as export_main
 from memflow_train.generation.build import Recipe, load_generator, load_text_encoder, with_memory_flags
 from memflow_train.generation.cli import main as generate_main
 from memflow_train.generation.mp4 import Mp4Writer
 from memflow_train.generation.narrative import Narrative, narrative_from_record, read_narratives
 from memflow_train.memory import MemoryConfig
 from memflow_train.methods.specs import BackboneSpec, TextEncoderSpec
+from memflow_train.models.loading import load_transformer
 from memflow_train.models.text_encoder import PromptTruncatedWarning, WanTextEncoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -594,3 +596,21 @@ def test_unknown_config_file_keys_get_a_did_you_mean(
     text = str(exit_.value.code)
     assert f"did you mean {suggestion} (in the config)?" in text, text
     assert key in text and len(text.splitlines()) <= 4 and "Traceback" not in text
+
+
+# ----------------------------------------------------------------------------------- export
+
+
+def test_export_takes_its_format_from_a_safetensors_name(tmp_path: Path) -> None:
+    """Without --format, out.safetensors became a diffusers folder of that name."""
+    from tests.method_helpers import dmd_module, fit
+
+    fit(dmd_module(), steps=1).save_checkpoint(tmp_path / "last.ckpt")
+    export_main([str(tmp_path / "last.ckpt"), str(tmp_path / "out.safetensors"), "--live-weights"])
+    assert (tmp_path / "out.safetensors").is_file()
+    assert load_transformer(tmp_path / "out.safetensors").config["num_layers"] == 2
+    with pytest.raises(ValueError, match="--format diffusers writes a folder, but .*x.safetensors is named like"):
+        export_main([str(tmp_path / "last.ckpt"), str(tmp_path / "x.safetensors"), "--format", "diffusers"])
+    with pytest.raises(ValueError, match="--format safetensors writes one file: name it"):
+        export_main([str(tmp_path / "last.ckpt"), str(tmp_path / "y"), "--format", "safetensors"])
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y").exists()
