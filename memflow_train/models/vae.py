@@ -3,8 +3,9 @@
 Videos in, normalised latents out: z = (mode(encode(x)) - latents_mean) / latents_std, and decode inverts it.
 Two autoencoders fit the seam (`load_vae` picks by the folder's config):
 - `WanVAE`: Wan's causal video VAE (diffusers AutoencoderKLWan), strides 4 (time) and 8 (space);
-- `FrameVAE`: an image autoencoder (diffusers AutoencoderKL) applied to every frame alone, temporal stride 1
-  (the synthetic world's autoencoder: a latent frame per video frame).
+- `FrameVAE`: an image autoencoder (diffusers AutoencoderKL) applied to every frame alone, temporal stride 1;
+- `PatchAutoencoder`: a linear patch autoencoder for flat-colour videos, decoded to a palette (the synthetic
+  world's: a latent frame per video frame).
 Video layouts accepted by encode:
 - uint8, channels last: (T, H, W, 3) or (B, T, H, W, 3), values 0..255 (what decoders return),
 - floating, channels first: (B, 3, T, H, W), values in [-1, 1] (what diffusers models use).
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+from safetensors.torch import load_file, save_file
 
 
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> WanVAE | FrameVAE:
@@ -27,7 +30,7 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> WanVAE | F
     config, ValueError for another class."""
     folder = _vae_folder(path)
     name = json.loads((folder / "config.json").read_text()).get("_class_name")
-    kinds = {"AutoencoderKLWan": WanVAE, "AutoencoderKL": FrameVAE}
+    kinds = {"AutoencoderKLWan": WanVAE, "AutoencoderKL": FrameVAE, "PatchAutoencoder": PatchAutoencoder}
     if name not in kinds:
         raise ValueError(f"{folder / 'config.json'} holds a {name}; the VAE seam takes {' or '.join(kinds)}")
     return kinds[name].from_pretrained(folder, dtype)
@@ -59,6 +62,10 @@ class VideoAutoencoder(torch.nn.Module):
 
     def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _anchor(self) -> torch.Tensor:
+        """A tensor of the model: its device and dtype are the model's."""
+        return next(iter([*self.vae.parameters(), *self.vae.buffers()]))
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.z_dim, 1, 1, 1)
@@ -92,7 +99,7 @@ class VideoAutoencoder(torch.nn.Module):
     def encode(self, video: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Normalised latents (B, z_dim, 1 + (T-1)/ts, H/ss, W/ss) in the VAE's dtype, for temporal stride ts and
         spatial stride ss (see the module doc for layouts). Raises ValueError for a layout or size it cannot take."""
-        param = next(self.vae.parameters())
+        param = self._anchor()
         video = self._as_model_input(video)
         step = batch_size or video.shape[0]
         out = []
@@ -107,7 +114,7 @@ class VideoAutoencoder(torch.nn.Module):
         """Normalised latents (B, z_dim, T', H', W') -> video (B, 3, T, H, W) in [-1, 1]."""
         if latents.ndim != 5 or latents.shape[1] != self.z_dim:
             raise ValueError(f"latents are (B, {self.z_dim}, T, H, W), got {tuple(latents.shape)}")
-        param = next(self.vae.parameters())
+        param = self._anchor()
         step = batch_size or latents.shape[0]
         out = []
         for chunk in latents.split(step):
@@ -247,10 +254,111 @@ class FrameVAE(VideoAutoencoder):
         return FrameDecoder(self)
 
 
-class FrameDecoder:
-    """Streaming decoder of a FrameVAE (no state between chunks but the count)."""
+class _PatchPCA(torch.nn.Module):
+    """The tensors of a PatchAutoencoder: mean (3 p^2), basis (z_dim, 3 p^2) with orthonormal rows, scale
+    (z_dim) of each component on the training patches, palette (K, 3) in [-1, 1]."""
 
-    def __init__(self, vae: FrameVAE) -> None:
+    def __init__(
+        self, patch_size: int, mean: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor, palette: torch.Tensor
+    ):
+        super().__init__()
+        self.patch_size = patch_size
+        for name, value in (("mean", mean), ("basis", basis), ("scale", scale), ("palette", palette)):
+            self.register_buffer(name, value.float().contiguous())
+        # What VideoAutoencoder reads: the latents are normalised by construction.
+        self.config = SimpleNamespace(latents_mean=None, latents_std=None)
+
+
+class PatchAutoencoder(VideoAutoencoder):
+    """A linear patch autoencoder for flat-colour videos (the synthetic world draws with 16 colours).
+
+    Encoding projects every p x p patch of a frame (3 p^2 values in [-1, 1]) on the z_dim principal components
+    of training patches, divided by one scale, the root mean variance of those components on the training
+    patches (latents have unit variance on average by construction, and every component keeps its weight: the
+    first ones, which carry the scene and the shapes, dominate a diffusion loss as they dominate the pixels;
+    per-channel scaling would weigh the last, fine-detail components as much). Decoding maps back and snaps
+    every pixel to the nearest colour of the palette of the training frames (the exact colours a flat-colour
+    world draws with). Temporal stride 1, spatial stride p. Fitting is one SVD (`fit`): no training run."""
+
+    @property
+    def z_dim(self) -> int:
+        return self.vae.basis.shape[0]
+
+    @property
+    def temporal_stride(self) -> int:
+        return 1
+
+    @property
+    def spatial_stride(self) -> int:
+        return self.vae.patch_size
+
+    @classmethod
+    def fit(cls, frames: torch.Tensor, patch_size: int, z_dim: int, max_colours: int = 64) -> PatchAutoencoder:
+        """Fit to uint8 frames (N, H, W, 3). Raises ValueError when z_dim exceeds 3 p^2 or the patches' rank, a
+        side is not a multiple of patch_size, or the frames hold more than max_colours distinct colours (not a
+        flat-colour set: snapping would change what they show)."""
+        if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"expected uint8 frames (N, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+        if frames.shape[1] % patch_size or frames.shape[2] % patch_size:
+            raise ValueError(f"frames of {frames.shape[1]}x{frames.shape[2]} are not whole {patch_size}px patches")
+        if not 1 <= z_dim <= 3 * patch_size**2:
+            raise ValueError(f"z_dim {z_dim} must lie in [1, {3 * patch_size**2}] (3 * patch_size ** 2)")
+        colours = torch.unique(frames.reshape(-1, 3), dim=0)
+        if len(colours) > max_colours:
+            raise ValueError(f"the frames hold {len(colours)} colours, more than max_colours {max_colours}")
+        x = frames.permute(0, 3, 1, 2).double() / 127.5 - 1
+        patches = torch.nn.functional.pixel_unshuffle(x, patch_size).permute(0, 2, 3, 1).reshape(-1, 3 * patch_size**2)
+        mean = patches.mean(0)
+        _, singular, vectors = torch.linalg.svd(patches - mean, full_matrices=False)
+        std = singular[:z_dim] / (len(patches) - 1) ** 0.5
+        if bool((std <= 1e-8).any()):
+            raise ValueError(f"the training patches span fewer than z_dim {z_dim} directions")
+        scale = std.pow(2).mean().sqrt().expand(z_dim)  # one scale: components keep their relative weight
+        return cls(_PatchPCA(patch_size, mean, vectors[:z_dim], scale, colours.double() / 127.5 - 1))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> PatchAutoencoder:
+        """Load from a folder written by save_pretrained (vae/ with config.json and weights.safetensors)."""
+        folder = _vae_folder(path)
+        config = json.loads((folder / "config.json").read_text())
+        tensors = load_file(folder / "weights.safetensors")
+        return cls(_PatchPCA(config["patch_size"], **tensors)).to(dtype)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        folder = Path(path) / "vae"
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"_class_name": "PatchAutoencoder", "patch_size": self.vae.patch_size, "z_dim": self.z_dim}
+        (folder / "config.json").write_text(json.dumps(config, indent=1))
+        names = ("mean", "basis", "scale", "palette")
+        save_file({n: getattr(self.vae, n).float().contiguous() for n in names}, folder / "weights.safetensors")
+
+    def _encode_raw(self, video: torch.Tensor) -> torch.Tensor:
+        m, p, b = self.vae, self.vae.patch_size, video.shape[0]
+        x = torch.nn.functional.pixel_unshuffle(FrameVAE._frames(video).float(), p)  # (N, 3 p^2, h, w)
+        z = torch.einsum("nchw,zc->nzhw", x - m.mean[None, :, None, None], m.basis) / m.scale[None, :, None, None]
+        return FrameVAE._videos(z.to(video.dtype), b)
+
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        m, p, b = self.vae, self.vae.patch_size, z.shape[0]
+        latents = FrameVAE._frames(z).float() * m.scale[None, :, None, None]
+        x = torch.einsum("nzhw,zc->nchw", latents, m.basis) + m.mean[None, :, None, None]
+        x = torch.nn.functional.pixel_shuffle(x, p).permute(0, 2, 3, 1)  # (N, H, W, 3)
+        nearest = torch.cdist(x.reshape(-1, 3), m.palette).argmin(1)
+        pixels = m.palette[nearest].reshape(x.shape).permute(0, 3, 1, 2)
+        return FrameVAE._videos(pixels.to(z.dtype), b)
+
+    def calibrate(self, videos: torch.Tensor, batch_size: int | None = None) -> None:
+        raise NotImplementedError("a PatchAutoencoder's latents are normalised when it is fitted")
+
+    def streaming_decoder(self) -> FrameDecoder:
+        """Chunk-by-chunk decoding; frames decode independently, so it equals one decode of the whole video."""
+        return FrameDecoder(self)
+
+
+class FrameDecoder:
+    """Streaming decoder of a per-frame autoencoder (no state between chunks but the count)."""
+
+    def __init__(self, vae: VideoAutoencoder) -> None:
         self.vae = vae
         self.frames_decoded = 0  # latent frames so far
 
