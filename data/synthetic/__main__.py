@@ -1,5 +1,6 @@
-"""python -m data.synthetic {demo,narratives,permanence}: build the demo dataset, or write evaluation narrative
-sets (random narratives, or the object-permanence benchmark's leave-and-re-enter narratives)."""
+"""python -m data.synthetic {demo,narratives,permanence,permanence-world}: build the demo dataset, write evaluation
+narrative sets (random narratives, or the object-permanence benchmark's leave-and-re-enter narratives), or build
+the object-permanence world the study trains on."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from data.synthetic.demo import DemoSpec, demo_dataset
+from data.synthetic.permanence_data import PermanenceSpec, build_permanence_world, permanence_root
 from data.synthetic.world import COLOURS, narratives_jsonl, permanence_jsonl
 
 
@@ -40,7 +42,29 @@ def main(argv: list[str] | None = None) -> None:
     )
     perm.add_argument("--returns", type=int, default=2)
     perm.add_argument("--seed", type=int, default=0)
+    world = sub.add_parser(
+        "permanence-world",
+        help="build the object-permanence world the study trains on (autoencoder, text encoder, shards, benchmark "
+        "narratives) in --root, or finish building it",
+    )
+    world.add_argument("--root", help="default: $MEMFLOW_TRAIN_CACHE/permanence-v<version>-<digest of the settings>")
+    world.add_argument("--teacher-clips", type=int, help=f"default {PermanenceSpec.teacher_clips}")
+    world.add_argument("--student-clips", type=int, help=f"default {PermanenceSpec.student_clips}")
+    world.add_argument("--long-narratives", type=int, help=f"default {PermanenceSpec.long_narratives}")
+    world.add_argument("--benchmark-narratives", type=int, help=f"default {PermanenceSpec.benchmark_narratives}")
+    world.add_argument("--benchmark-returns", type=int, help=f"default {PermanenceSpec.benchmark_returns}")
     args = parser.parse_args(argv)
+    if args.command == "permanence-world":
+        keys = ("teacher_clips", "student_clips", "long_narratives", "benchmark_narratives", "benchmark_returns")
+        try:
+            spec = PermanenceSpec(**{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
+        except ValueError as error:
+            parser.error(str(error))
+        built = build_permanence_world(spec, permanence_root(spec, args.root))
+        print(f"root: {built.root}\nbenchmark: {built.benchmark}")
+        for split, urls in built.urls.items():
+            print(f"{split}_urls: {urls}")
+        return
     if getattr(args, "count", 1) < 1:
         parser.error(f"--count must be >= 1, got {args.count}")
     if args.command == "narratives":

@@ -21,6 +21,20 @@ WAN_PRESETS: dict[str, dict[str, Any]] = {
     # Published Wan2.1-T2V configs (Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers transformer/config.json).
     "wan2.1-t2v-1.3b": {**_WAN21_COMMON, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
     "wan2.1-t2v-14b": {**_WAN21_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
+    # The synthetic permanence world (data.synthetic.permanence_data): 64-channel patch latents of 64x64 px
+    # frames (16 tokens a frame), a 32-wide word-level text encoder; about 0.7 M parameters, trainable on a
+    # CPU in minutes.
+    "world": {
+        **_WAN21_COMMON,
+        "num_attention_heads": 3,
+        "attention_head_dim": 32,
+        "in_channels": 64,
+        "out_channels": 64,
+        "text_dim": 32,
+        "freq_dim": 64,
+        "ffn_dim": 384,
+        "num_layers": 4,
+    },
     # Tests and the CPU demo: same structure, a few thousand parameters.
     "tiny": {
         **_WAN21_COMMON,
