@@ -73,6 +73,13 @@ def build_parser() -> ArgumentParser:
         help="transformer and text encoder dtype (default: bfloat16 on GPU, float32 on CPU; a config's text "
         "encoder keeps its own unless given)",
     )
+    p.add_argument(
+        "--full_sequence_steps",
+        type=int | None,
+        default=None,
+        help="evaluate the model as a bidirectional model (a teacher): this many Euler steps over each whole "
+        "narrative, each frame under its own prompt, instead of streaming it chunk by chunk",
+    )
     p.add_argument("--videos", type=int, default=2, help="narratives whose mp4 is written (0: none)")
     p.add_argument("--video_fps", type=float, default=16.0, help="frame rate of the written mp4s (stored exactly)")
     return p
@@ -84,6 +91,8 @@ def check_args(args: Any) -> None:
     if args.text_len is not None:
         whole("--text_len", args.text_len, low=1)
     whole("--videos", args.videos, low=0)
+    if args.full_sequence_steps is not None:
+        whole("--full_sequence_steps", args.full_sequence_steps, low=1)
     frame_rate("--video_fps", args.video_fps)
     if args.latent_size is not None:
         for side in args.latent_size:
@@ -128,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if latent_size is None:
         raise SystemExit("error: the checkpoint records no latent size: pass --latent_size H W (latent pixels)")
     pipeline = StreamingVideoPipeline(sampler, text, vae, tuple(latent_size))
-    evaluator = Evaluator(args.protocol, args.videos, args.video_fps)
+    evaluator = Evaluator(args.protocol, args.videos, args.video_fps, args.full_sequence_steps)
     warn_off_grid(evaluator.narratives, sampler.frames_per_chunk)
     with torch.no_grad():
         shard = evaluator.run_shard(pipeline)
@@ -136,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if hasattr(model, "truncation_summary"):  # the count of cut prompts not named one by one
             model.truncation_summary()
     source = {"checkpoint": args.checkpoint, "checkpoint_key": args.checkpoint_key or "default (EMA generator)"}
+    if args.full_sequence_steps is not None:
+        source["sampling"] = f"bidirectional, {args.full_sequence_steps} Euler steps over each whole narrative"
     report, videos = assemble(evaluator.protocol_info(pipeline), source, evaluator.compute(), [shard])
     write_report(args.out, report, videos)
     print(f"{len(report['narratives'])} narratives, protocol {report['protocol']['id']} -> {args.out}/report.md")

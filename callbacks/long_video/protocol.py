@@ -30,6 +30,7 @@ from memflow_train.evaluation import (
     FeatureModelSpec,
     digest,
     from_records,
+    generate_full_sequence,
     generate_traced,
     read_jsonl,
     shorten,
@@ -130,6 +131,22 @@ def _world_truth(world: dict[str, Any], frame_segments: torch.Tensor) -> list[di
     return notes
 
 
+def _world_details(predicted: list[dict[str, Any]], truth: list[dict[str, Any]]) -> dict[str, Any]:
+    """One narrative's world counts (for bootstrap intervals over narratives) and its scene accuracy and
+    subject F1 per segment (drift over length)."""
+    own = WorldConsistency()
+    own.update(predicted, truth)
+    out: dict[str, Any] = {"world_counts": own.counts()}
+    for k in sorted({t["segment"] for t in truth}):
+        frames = [i for i, t in enumerate(truth) if t["segment"] == k]
+        part = WorldConsistency()
+        part.update([predicted[i] for i in frames], [truth[i] for i in frames])
+        values = WorldConsistency.ratios(part.counts())
+        out[f"world/scene_accuracy/segment_{k}"] = values["world/scene_accuracy"]
+        out[f"world/subject_f1/segment_{k}"] = values["world/subject_f1"]
+    return out
+
+
 def _finite(value: Any) -> float | None:
     value = float(value)
     return value if value == value and abs(value) != float("inf") else None
@@ -138,10 +155,15 @@ def _finite(value: Any) -> float | None:
 class Evaluator:
     """Runs an EvalProtocol; feature models are built on first use and kept (on CPU between runs)."""
 
-    def __init__(self, protocol: EvalProtocol, videos: int = 2, video_fps: int = 16) -> None:
+    def __init__(
+        self, protocol: EvalProtocol, videos: int = 2, video_fps: float = 16, full_sequence_steps: int | None = None
+    ) -> None:
+        """full_sequence_steps: generate each narrative with the model as a bidirectional model (a teacher), in
+        this many Euler steps over the whole sequence, instead of streaming it (None)."""
         self.protocol = protocol
         self.videos = videos
         self.video_fps = video_fps
+        self.full_sequence_steps = full_sequence_steps
         self.narratives = protocol.load()
         self.num_segments = max(len(n.narrative.prompts) for n in self.narratives)
         self._models: dict[FeatureModelSpec, ClipFeatures | DinoFeatures] = {}
@@ -246,9 +268,14 @@ class Evaluator:
     def _shadow(self, pipeline: StreamingVideoPipeline, index: int, compare: bool) -> None:
         """The forwards another rank runs for narrative `index` (lockstep): generated, not decoded or kept."""
         narrative = self.narratives[index].for_chunks(pipeline.sampler.frames_per_chunk)
-        generate_traced(pipeline, narrative, self.protocol.seed, decode=False)
-        if compare:
+        self._generate(pipeline, narrative, decode=False)
+        if compare and self.full_sequence_steps is None:
             generate_traced(pipeline, narrative, self.protocol.seed, memory=False, decode=False)
+
+    def _generate(self, pipeline: StreamingVideoPipeline, narrative: Any, decode: bool = True) -> EvaluationVideo:
+        if self.full_sequence_steps is not None:
+            return generate_full_sequence(pipeline, narrative, self.protocol.seed, self.full_sequence_steps, decode)
+        return generate_traced(pipeline, narrative, self.protocol.seed, decode=decode)
 
     def _specs(self) -> list[FeatureModelSpec]:
         p = self.protocol
@@ -259,7 +286,7 @@ class Evaluator:
         item, seed = self.narratives[index], self.protocol.seed
         chunk = pipeline.sampler.frames_per_chunk
         narrative = item.for_chunks(chunk)
-        video = generate_traced(pipeline, narrative, seed)
+        video = self._generate(pipeline, narrative)
         values = self._measure(item, video, pipeline.temporal_stride, chunk)
         stats = video.stats
         summary: dict[str, Any] = {
@@ -274,10 +301,12 @@ class Evaluator:
             "chunk_starts": video.chunk_starts,
             "bank_frames": video.bank_frames,
         }
-        if compare:  # timing only, not decoded
+        if compare and self.full_sequence_steps is None:  # timing only, not decoded
             free = generate_traced(pipeline, narrative, seed, memory=False, decode=False).stats
             summary["fps_memory_free"] = _finite(free.median_chunk_fps)
             summary["fps_memory"] = summary["fps"]
+        if "world_counts" in values:
+            summary["world_counts"] = values.pop("world_counts")
         summary["metrics"] = {k: _finite(v) for k, v in values.items() if "/segment_" not in k}
         result.narratives.append(summary)
         for k, prompt in enumerate(narrative.prompts):
@@ -289,6 +318,9 @@ class Evaluator:
                     if f"{name}/segment_{k}" in values
                 }
             )
+            for name in ("scene_accuracy", "subject_f1"):
+                if f"world/{name}/segment_{k}" in values:
+                    row[name] = _finite(values[f"world/{name}/segment_{k}"])
             result.rows.append(row)
         if index < self.videos:
             mp4 = encode_mp4(video.frames, fps=self.video_fps)
@@ -317,7 +349,9 @@ class Evaluator:
             world = World.from_json(item.world)
             returns = [(r, e) for _, r, e in returning_events([set(s.subjects) for s in world.segments])]
             if "world" in self.metrics:
-                values.update(self.metrics["world"](annotate(frames), _world_truth(item.world, segments)))
+                predicted, truth = annotate(frames), _world_truth(item.world, segments)
+                values.update(self.metrics["world"](predicted, truth))
+                values.update(_world_details(predicted, truth))
         values.update(self.metrics["memory"](video.bank_frames, video.chunk_starts, latent_segments, returns))
         return values
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 
+from callbacks.long_video.world import bootstrap_interval
+
 SEGMENT_COLUMNS = (
     "narrative",
     "segment",
@@ -26,6 +28,17 @@ SEGMENT_COLUMNS = (
     "sharpness",
     "saturation",
     "brightness",
+    "scene_accuracy",
+    "subject_f1",
+)
+# World metrics given a 95% bootstrap interval over narratives (world_intervals).
+INTERVAL_METRICS = (
+    "world/scene_accuracy",
+    "world/subject_f1",
+    "world/size_error_px",
+    "world/marking_accuracy",
+    "world/reentry_size_error_px",
+    "world/reentry_marking_accuracy",
 )
 
 
@@ -40,11 +53,24 @@ def assemble(
     report = {
         "protocol": protocol,
         "source": source,
-        "scalars": {**scalars, **fps_summary(narratives)},
+        "scalars": {**scalars, **fps_summary(narratives), **world_intervals(narratives)},
         "narratives": narratives,
         "segments": rows,
     }
     return report, videos
+
+
+def world_intervals(narratives: list[dict[str, Any]], resamples: int = 2000) -> dict[str, float | None]:
+    """<metric>/ci95_low and /ci95_high: the 95% percentile bootstrap interval of each world metric, resampling
+    narratives (their counts pooled, as the metric pools them); None where a resample has no value."""
+    counts = [n["world_counts"] for n in narratives if "world_counts" in n]
+    if not counts:
+        return {}
+    out: dict[str, float | None] = {}
+    for name in INTERVAL_METRICS:
+        interval = bootstrap_interval([counts], name, resamples)
+        out[f"{name}/ci95_low"], out[f"{name}/ci95_high"] = interval if interval is not None else (None, None)
+    return out
 
 
 def fps_summary(narratives: list[dict[str, Any]]) -> dict[str, float | None]:

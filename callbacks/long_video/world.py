@@ -234,21 +234,73 @@ class WorldConsistency(Metric):
                         self.reentry_size_error += abs(after[0] - before[0])
                         self.reentry_marking_hits += after[1] == before[1]
 
-    def compute(self) -> dict[str, torch.Tensor]:
-        def ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return a / b if b else torch.tensor(float("nan"), dtype=torch.float64, device=b.device)
+    def counts(self) -> dict[str, float]:
+        """The accumulated counts (what compute divides), e.g. to pool narratives in a bootstrap."""
+        return {name: float(getattr(self, name)) for name in self.COUNTS}
 
-        recall, precision = ratio(self.recalled, self.truth), ratio(self.correct, self.shown)
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {k: torch.tensor(v, dtype=torch.float64) for k, v in self.ratios(self.counts()).items()}
+
+    @staticmethod
+    def ratios(counts: dict[str, float]) -> dict[str, float]:
+        """The metrics of summed counts (compute's values; NaN where a denominator is 0)."""
+        c = counts
+
+        def ratio(a: float, b: float) -> float:
+            return a / b if b else float("nan")
+
+        recall, precision = ratio(c["recalled"], c["truth"]), ratio(c["correct"], c["shown"])
         return {
             "world/subject_recall": recall,
             "world/subject_precision": precision,
-            "world/subject_f1": 2 * recall * precision / (recall + precision),
-            "world/scene_accuracy": ratio(self.scene_hits, self.frames),
-            "world/size_error_px": ratio(self.size_error, self.recalled),
-            "world/marking_accuracy": ratio(self.marking_hits, self.recalled),
-            "world/return_consistency": ratio(self.kept, self.returns),
-            "world/return_events": self.returns.clone(),
-            "world/reentry_size_error_px": ratio(self.reentry_size_error, self.reentries),
-            "world/reentry_marking_accuracy": ratio(self.reentry_marking_hits, self.reentries),
-            "world/reentries": self.reentries.clone(),
+            "world/subject_f1": ratio(2 * recall * precision, recall + precision),
+            "world/scene_accuracy": ratio(c["scene_hits"], c["frames"]),
+            "world/size_error_px": ratio(c["size_error"], c["recalled"]),
+            "world/marking_accuracy": ratio(c["marking_hits"], c["recalled"]),
+            "world/return_consistency": ratio(c["kept"], c["returns"]),
+            "world/return_events": c["returns"],
+            "world/reentry_size_error_px": ratio(c["reentry_size_error"], c["reentries"]),
+            "world/reentry_marking_accuracy": ratio(c["reentry_marking_hits"], c["reentries"]),
+            "world/reentries": c["reentries"],
         }
+
+
+def bootstrap_interval(
+    per_narrative: list[list[dict[str, float]]], statistic: str, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """95% percentile bootstrap interval of a world metric over narratives: `per_narrative[v][i]` holds the
+    counts (WorldConsistency.counts) of narrative i under variant v; each resample draws narratives with
+    replacement, the same for every variant (paired), sums their counts and computes the metric. With one
+    variant the interval is the metric's; with two, of variant 0 minus variant 1. None when a resample has no
+    value (NaN)."""
+    n = len(per_narrative[0])
+    if n == 0 or any(len(v) != n for v in per_narrative) or len(per_narrative) not in (1, 2):
+        raise ValueError("bootstrap_interval takes one or two variants with counts of the same narratives")
+    keys = list(per_narrative[0][0])
+    table = torch.tensor([[[row[k] for k in keys] for row in v] for v in per_narrative], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(n, (resamples, n), generator=g)
+    sums = table[:, picks].sum(2)  # (variants, resamples, counts)
+    values = torch.tensor(
+        [[WorldConsistency.ratios(dict(zip(keys, s.tolist(), strict=True)))[statistic] for s in v] for v in sums],
+        dtype=torch.float64,
+    )
+    values = values[0] - values[1] if len(per_narrative) == 2 else values[0]
+    if bool(torch.isnan(values).any()):
+        return None
+    lo, hi = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+@torch.no_grad()
+def autoencoder_readback(vae: Any, frames: torch.Tensor, notes: list[dict[str, Any]]) -> dict[str, float]:
+    """The readback of frames (N, H, W, 3) uint8 after a round trip through a temporal-stride-1 autoencoder
+    (memflow_train.models.vae.FrameVAE), against their truth (the renderer's notes): subject recall, precision
+    and F1, scene accuracy, size error in pixels, marking accuracy."""
+    video = frames.unsqueeze(0)  # one video of N frames
+    decoded = vae.to_uint8(vae.decode(vae.encode(video, batch_size=1), batch_size=1))[0]
+    metric = WorldConsistency()
+    metric.update(annotate(decoded), notes)
+    values = metric.compute()
+    keys = ("subject_recall", "subject_precision", "subject_f1", "scene_accuracy", "size_error_px", "marking_accuracy")
+    return {k: float(values[f"world/{k}"]) for k in keys}

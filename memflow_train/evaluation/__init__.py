@@ -5,7 +5,7 @@ The metrics, the Lightning callback and the report command live in the repositor
 """
 
 from memflow_train.evaluation.features import ClipFeatures, DinoFeatures, FeatureModelSpec
-from memflow_train.evaluation.generation import EvaluationVideo, generate_traced
+from memflow_train.evaluation.generation import EvaluationVideo, generate_full_sequence, generate_traced
 from memflow_train.evaluation.narratives import (
     PROTOCOL_VERSION,
     EvalNarrative,
@@ -25,6 +25,7 @@ __all__ = [
     "FeatureModelSpec",
     "digest",
     "from_records",
+    "generate_full_sequence",
     "generate_traced",
     "read_jsonl",
     "shorten",

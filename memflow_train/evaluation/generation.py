@@ -8,13 +8,17 @@ are read from the stream (the clean re-run that ends a chunk commits nothing new
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 
 import torch
 
 from memflow_train.generation.narrative import Narrative
-from memflow_train.generation.pipeline import GenerationStats, StreamingVideoPipeline
+from memflow_train.generation.pipeline import GenerationStats, StreamingVideoPipeline, synchronize, video_frames_for
 from memflow_train.memory.bank import NarrativeMemoryBank
+from memflow_train.models.causal_wan import FramePrompts
+from memflow_train.sampling import seeded
+from memflow_train.sampling.full_sequence import sample_full_sequence
 
 
 @dataclass
@@ -48,3 +52,34 @@ def generate_traced(
         if chunk.frames is not None:
             frames.append(chunk.frames.cpu())
     return EvaluationVideo(torch.cat(frames) if frames else None, stats, starts, banks)
+
+
+@torch.no_grad()
+def generate_full_sequence(
+    pipeline: StreamingVideoPipeline, narrative: Narrative, seed: int, steps: int, decode: bool = True
+) -> EvaluationVideo:
+    """Generate one narrative with the pipeline's model as a bidirectional model (a teacher): `steps` Euler
+    steps over the whole sequence from noise seeded by (seed, "noise"), each frame conditioned by its own
+    prompt (memflow_train.sampling.full_sequence). The stats count the whole sampling as one chunk."""
+    model, device = pipeline.model, pipeline.device
+    embeds, mask = pipeline.text_encoder(list(narrative.prompts))
+    starts = torch.tensor([narrative.starts], device=device)
+    text = FramePrompts.from_segments(
+        embeds[None].to(device, model.dtype), mask[None].to(device), starts, narrative.num_frames
+    )
+    shape = (1, model.config.in_channels, narrative.num_frames, *pipeline.latent_size)
+    noise = torch.randn(shape, generator=seeded(seed, "noise", device=device), device=device).to(model.dtype)
+    stats = GenerationStats()
+    synchronize(device)
+    start = time.perf_counter()
+    latents = sample_full_sequence(model, pipeline.sampler.schedule, noise, text, steps)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    frames = None
+    if decode and pipeline.vae is not None:
+        frames = pipeline.vae.to_uint8(pipeline.vae.decode(latents))[0].cpu()
+    video = video_frames_for(narrative.num_frames, pipeline.temporal_stride)
+    stats.transformer_s, stats.video_frames, stats.latent_frames, stats.chunks = seconds, video, narrative.num_frames, 1
+    stats.chunk_transformer_s, stats.chunk_video_frames = [seconds], [video]
+    stats.first_chunk_transformer_s, stats.first_chunk_video_frames = seconds, video
+    return EvaluationVideo(frames, stats, [0], [[]])
