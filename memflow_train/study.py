@@ -62,6 +62,7 @@ SCALES: dict[str, dict[str, object]] = {
         "narratives": 2,
         "teacher_steps": 2,
         "fit": ["--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1"],
+        "stage1": ["--model.init_args.ema_start_step", "0"],  # stage 2 reads its EMA generator
     },
 }
 
@@ -90,7 +91,7 @@ class Study:
         command += ["--trainer.logger.init_args.save_dir", folder]
         if steps is not None:
             command += ["--trainer.max_steps", str(steps)]
-        return command + list(self.scale["fit"]) + extra
+        return command + list(self.scale["fit"]) + list(self.scale.get(config, [])) + extra
 
     def _evaluate(self, checkpoint_stage: str, narratives: str, extra: list[str]) -> list[str]:
         world = self.folder("world")

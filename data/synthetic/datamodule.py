@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from data.datamodule import ShardDataModule
 from data.synthetic.demo import DemoSpec, demo_dataset
-from data.synthetic.permanence_data import PermanenceSpec, build_permanence_world, permanence_root
+from data.synthetic.permanence_data import PermanenceSpec, build_permanence_world, built_spec, permanence_root
 
 
 class DemoDataModule(ShardDataModule):
@@ -32,7 +32,8 @@ class DemoDataModule(ShardDataModule):
 
 class PermanenceDataModule(ShardDataModule):
     """One split of the object-permanence world (data.synthetic.permanence_data), built on first use in root
-    (default: $MEMFLOW_TRAIN_CACHE/permanence-v<version>-<digest of spec>). split: teacher (random windows, for a
+    (default: $MEMFLOW_TRAIN_CACHE/permanence-v<version>-<digest of spec>); without a spec, a world already built
+    in root is read with the settings it was built with. split: teacher (random windows, for a
     bidirectional teacher), clips (narrative openings sharing their switch frames: causal init, stage 1) or long
     (whole narratives: stage 2); validation reads the held-out windows. Text width and length, latent channels
     and size and the narratives' length follow `spec`."""
@@ -46,6 +47,8 @@ class PermanenceDataModule(ShardDataModule):
     ) -> None:
         if split not in ("teacher", "clips", "long"):
             raise ValueError(f"split must be teacher, clips or long, got {split!r}")
+        if spec is None and root is not None:  # a built world: its own settings
+            spec = built_spec(root)
         self.world_spec = spec = spec or PermanenceSpec()
         self.split = split
         self.root = permanence_root(spec, root)
@@ -58,7 +61,7 @@ class PermanenceDataModule(ShardDataModule):
             latent_channels=a.z_dim,
             latent_size=a.latent_size,
             num_frames=frames,
-            min_latent_frames=frames,
+            min_latent_frames=spec.clip_frames,  # validation reads clip-length windows for every split
             **kwargs,
         )
 

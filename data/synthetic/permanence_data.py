@@ -125,6 +125,18 @@ def _items(spec: PermanenceSpec, split: str) -> Iterator[Item]:
         )
 
 
+def built_spec(root: str | Path) -> PermanenceSpec | None:
+    """The settings a world in root was built with (None when root holds none)."""
+    path = Path(root).expanduser() / "spec.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.pop("permanence_version", None) != PERMANENCE_VERSION:
+        raise ValueError(f"{path}: a world of another version; build it again in another folder")
+    saved["autoencoder"] = AutoencoderSpec(**saved["autoencoder"])
+    return PermanenceSpec(**saved)
+
+
 def permanence_root(spec: PermanenceSpec, root: str | Path | None = None) -> Path:
     """root, else $MEMFLOW_TRAIN_CACHE/permanence-v<version>-<digest of the spec> (the demo cache's parent)."""
     if root is not None:

@@ -289,9 +289,11 @@ def _recorded_architecture(ckpt: dict[str, Any], key: str | None) -> dict[str, A
         return None
     net = key.removesuffix("_ema") if key else ("generator" if "generator" in hparams else "model")
     spec = hparams.get(net) or (hparams.get("teacher") if net == "critic" else None)
-    if not isinstance(spec, dict) or spec.get("weights") is not None:
-        return None  # weights from a path: that source defined the architecture; infer it from shapes
-    return wan_config(spec.get("preset"), **(spec.get("config") or {}))
+    if not isinstance(spec, dict):
+        return None
+    if spec.get("weights") is not None and spec.get("preset") is None and not spec.get("config"):
+        return None  # weights from a path alone: that source defined the architecture; infer it from shapes
+    return wan_config(spec.get("preset"), **(spec.get("config") or {}))  # as BackboneSpec.build built it
 
 
 def _original_folder_config(cfg: dict[str, Any]) -> dict[str, Any]:
