@@ -12,11 +12,12 @@ was shown before: its look (named by the caption) and its size and marking (not 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from scipy import ndimage
 from torchmetrics import Metric
 
 from data.synthetic.world import COLOURS, SCENES, SHAPES, SIZES, shape_mask
@@ -24,15 +25,17 @@ from data.synthetic.world import COLOURS, SCENES, SHAPES, SIZES, shape_mask
 Look = tuple[str, str]  # (shape, colour)
 
 
+_EIGHT = np.ones((3, 3), dtype=bool)  # the 8-neighbourhood
+
+
 def _components(mask: torch.Tensor) -> torch.Tensor:
-    """Connected components (8-neighbourhood) of boolean masks (N, H, W): labels (N, H, W), 0 = background."""
-    n, h, w = mask.shape
-    labels = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, h, w).expand(n, h, w) * mask
-    while True:  # every pixel takes the largest label around it until each blob holds one label
-        grown = F.max_pool2d(labels.unsqueeze(1), 3, stride=1, padding=1).squeeze(1) * mask
-        if torch.equal(grown, labels):
-            return labels.long()
-        labels = grown
+    """Connected components (8-neighbourhood) of boolean masks (N, H, W): labels (N, H, W), 0 = background
+    (scipy.ndimage.label per mask; a label is unique within its mask)."""
+    planes = mask.numpy()
+    labels = np.zeros(planes.shape, dtype=np.int64)
+    for i, plane in enumerate(planes):
+        labels[i] = ndimage.label(plane, structure=_EIGHT)[0]
+    return torch.from_numpy(labels)
 
 
 # Each shape's height in radii, and its centre's distance below the top in radii (a triangle's centre is one
@@ -45,14 +48,21 @@ def _fit(blob: np.ndarray) -> tuple[str, float]:
     """The world's shape whose template, fitted to the blob's bounding box, overlaps the blob most (IoU), and
     that template's radius in pixels.
 
-    The template's size and centre come from the box up to a pixel's rounding, so a few offsets are tried."""
+    The template's size and centre come from the box up to a pixel's rounding, so a few offsets are tried.
+    The fit depends only on the blob's pixels around its box (translation-invariant), so it is cached."""
     ys, xs = np.nonzero(blob)
     top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     crop = blob[max(0, top - 2) : bottom + 2, max(0, left - 2) : right + 2]
-    oy, ox = max(0, top - 2), max(0, left - 2)
+    oy, ox = top - max(0, top - 2), left - max(0, left - 2)  # where the box starts in the crop (frame edges)
+    return _fit_crop(np.packbits(crop).tobytes(), crop.shape, oy, ox, bottom - top, right - left)
+
+
+@functools.lru_cache(maxsize=65536)
+def _fit_crop(bits: bytes, size: tuple[int, int], oy: int, ox: int, height: int, width: int) -> tuple[str, float]:
+    """_fit of a crop (packed bits, its size) whose blob's box starts at (oy, ox) in it, of that height/width."""
+    crop = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=size[0] * size[1]).reshape(size).astype(bool)
     yy, xx = np.mgrid[0 : crop.shape[0], 0 : crop.shape[1]].astype(np.float32) + 0.5
-    yy, xx = yy + oy, xx + ox
-    height, cx = bottom - top, (left + right) / 2
+    top, cx = oy, ox + width / 2
     jitter = np.array(np.meshgrid(_JITTER, _JITTER, _JITTER, indexing="ij")).reshape(3, -1, 1, 1)
     best, best_r, best_iou = SHAPES[0], 0.0, -1.0
     for shape, (span, centre_below_top) in _SPANS.items():

@@ -22,18 +22,19 @@ WAN_PRESETS: dict[str, dict[str, Any]] = {
     "wan2.1-t2v-1.3b": {**_WAN21_COMMON, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
     "wan2.1-t2v-14b": {**_WAN21_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
     # The synthetic permanence world (data.synthetic.permanence_data): 64-channel patch latents of 64x64 px
-    # frames (16 tokens a frame), a 32-wide word-level text encoder; about 0.7 M parameters, trainable on a
-    # CPU in minutes.
+    # frames (16 tokens a frame of 2x2x64 = 256 values), a 32-wide word-level text encoder; 3 M parameters.
+    # The width is the token's 256 values: a narrower model cannot pass a token's noise through to the flow
+    # it predicts (its input and output projections would have lower rank), and its samples keep that noise.
     "world": {
         **_WAN21_COMMON,
-        "num_attention_heads": 3,
-        "attention_head_dim": 32,
+        "num_attention_heads": 4,
+        "attention_head_dim": 64,
         "in_channels": 64,
         "out_channels": 64,
         "text_dim": 32,
         "freq_dim": 64,
-        "ffn_dim": 384,
-        "num_layers": 4,
+        "ffn_dim": 512,
+        "num_layers": 3,
     },
     # Tests and the CPU demo: same structure, a few thousand parameters.
     "tiny": {
