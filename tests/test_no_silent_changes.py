@@ -614,3 +614,55 @@ def test_export_takes_its_format_from_a_safetensors_name(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="--format safetensors writes one file: name it"):
         export_main([str(tmp_path / "last.ckpt"), str(tmp_path / "y"), "--format", "safetensors"])
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y").exists()
+
+
+# ----------------------------------------------------------------------------------- training methods
+
+
+def test_flow_matching_names_frames_past_the_last_chunk_and_unfollowed_prompts() -> None:
+    """A 13-frame clip trained on 12 frames, and a multi-prompt sample without switch frames conditioned by its
+    first prompt, said nothing."""
+    from types import SimpleNamespace
+
+    from memflow_train.methods import FlowMatchingFinetune
+
+    module = FlowMatchingFinetune(model={"preset": "tiny"})
+    g = torch.Generator().manual_seed(0)
+    batch = SimpleNamespace(
+        keys=["a", "b"],
+        prompts=[["p", "q"], ["p", "q"]],
+        latents=torch.randn(2, 4, 13, 4, 4, generator=g),
+        num_frames=torch.tensor([13, 12]),
+        segment_start=torch.tensor([[0, -1], [0, 6]]),
+        prompt_embeds=torch.randn(2, 2, 6, 16, generator=g),
+        prompt_mask=torch.ones(2, 2, 6, dtype=torch.bool),
+    )
+    with pytest.warns(UserWarning, match="a loses 1"):
+        assert module._frames(batch)[1].tolist() == [4, 4]
+    with pytest.warns(UserWarning, match="1 samples of a batch have several prompts but no switch frames"):
+        _, _, starts = module._prompts(batch)
+    assert starts[0, 1] == torch.iinfo(torch.long).max and starts[1].tolist() == [0, 6]  # b follows its narrative
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module._frames(batch)  # once per run
+
+
+def test_stage_two_refuses_a_first_switch_past_the_sequence_and_names_unused_prompts() -> None:
+    """min_switch_frame 35 with max_length 36 (3-frame chunks) drew switch frame 36 every time: no switch ever."""
+    from memflow_train.methods import StreamingLongTuning
+    from tests.method_helpers import dmd_module, prompt_batch
+
+    with pytest.raises(ValueError, match=r"min_switch_frame \(35\) takes effect .* frame 36, which is not before"):
+        dmd_module(StreamingLongTuning, max_length=36, frames_per_step=6, window=9, min_switch_frame=35)
+    module = dmd_module(StreamingLongTuning)
+    with pytest.warns(UserWarning, match="3 prompts and no switch frames fixed by the data"):
+        module._start_sequence(prompt_batch(batch=2, prompts=3), 0)
+
+
+def test_synthetic_narratives_refuse_a_negative_seed(tmp_path: Path) -> None:
+    """--seed -5 wrote what --seed 5 writes (random.Random takes the absolute value)."""
+    from data.synthetic.__main__ import main as synthetic_main
+
+    with pytest.raises(SystemExit):
+        synthetic_main(["narratives", "--out", str(tmp_path / "n.jsonl"), "--seed", "-5"])
+    assert not (tmp_path / "n.jsonl").exists()

@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if getattr(args, "count", 1) < 1:
         parser.error(f"--count must be >= 1, got {args.count}")
+    if getattr(args, "seed", 0) < 0:  # random.Random takes |seed|: -5 would draw what 5 draws
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.command == "narratives":
         for flag, value in (("--segments", args.segments), ("--frames-per-segment", args.frames_per_segment)):
             if value < 1:

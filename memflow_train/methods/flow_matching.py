@@ -16,6 +16,7 @@ otherwise the first prompt conditions everything.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal, Protocol
 
 import torch
@@ -110,6 +111,7 @@ class FlowMatchingFinetune(LightningModule):
             raise ValueError(f"attention must be 'streaming' or 'bidirectional', got {attention!r}")
         whole("max_skipped_updates", max_skipped_updates, low=0)
         self.step_log = StepLog(progress_bar=("train/loss",))
+        self._warned: set[str] = set()
         self.skipped_in_a_row = 0
         n = memory.num_frame_per_block
         if max_frames is not None and (max_frames < n or max_frames % n):
@@ -163,9 +165,21 @@ class FlowMatchingFinetune(LightningModule):
         if starts is None or embeds.shape[1] < 2 or not bool(real[:, 1:].any()):
             return embeds[:, :1], mask[:, :1], None
         starts = starts.to(self.device)
-        if bool((real & (starts < 0)).any()):  # switches left to a method: the caption conditions everything
-            return embeds[:, :1], mask[:, :1], None
+        unfixed = (real & (starts < 0)).any(1)  # switches left to a method: the caption conditions the sample
+        if bool(unfixed.any()):
+            self._warn_once(
+                "unfixed",
+                f"{int(unfixed.sum())} samples of a batch have several prompts but no switch frames fixed by the data: "
+                "flow matching conditions each of them by its first prompt only (fix the switch frames to follow them)",
+            )
+            real = real & ~unfixed[:, None]
+            real[:, 0] = True
         return embeds, mask, torch.where(real, starts, torch.iinfo(torch.long).max)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
 
     def _frames(self, batch: LatentBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's latents cut to whole chunks (and max_frames), and each sample's chunk count (B,).
@@ -182,6 +196,14 @@ class FlowMatchingFinetune(LightningModule):
             lengths = lengths.clamp(max=self.hparams.max_frames)
         chunks = lengths // n
         names = list(getattr(batch, "keys", range(len(chunks))))
+        cut = [(k, int(r)) for k, r in zip(names, (lengths - chunks * n).tolist(), strict=True) if r > 0]
+        if cut:
+            self._warn_once(
+                "cut",
+                f"flow matching trains whole {n}-frame chunks: the last frames of samples past their last chunk are "
+                f"not trained on (this batch: {', '.join(f'{k} loses {r}' for k, r in cut[:5])}); this warning is "
+                "given once",
+            )
         short = [k for k, c in zip(names, chunks.tolist(), strict=True) if c < 1]
         if short:
             raise ValueError(

@@ -94,6 +94,13 @@ class StreamingLongTuning(SelfForcingDMD):
         self.min_switch_frame = window if min_switch_frame is None else min_switch_frame
         if not 0 < self.min_switch_frame < max_length:
             raise ValueError(f"min_switch_frame ({self.min_switch_frame}) must lie in (0, max_length={max_length})")
+        if -(-self.min_switch_frame // n) * n >= max_length:
+            raise ValueError(
+                f"min_switch_frame ({self.min_switch_frame}) takes effect at the next {n}-frame chunk boundary, frame "
+                f"{-(-self.min_switch_frame // n) * n}, which is not before max_length ({max_length}): no sequence "
+                "would ever switch prompt"
+            )
+        self._warned_prompts = False
         self.sequence: SequenceState | None = None
         self._pending_state: dict | None = None
 
@@ -107,6 +114,14 @@ class StreamingLongTuning(SelfForcingDMD):
             if end < n:
                 raise ValueError(f"narratives of {int(batch.num_frames.min())} latent frames hold no {n}-frame chunk")
             return SequenceState(self.sampler.new_stream(), texts, -1, end)
+        if texts.mask.shape[1] > 2 and bool(texts.mask[:, 2:].any()) and not self._warned_prompts:
+            self._warned_prompts = True
+            warnings.warn(
+                f"samples with {texts.mask.shape[1]} prompts and no switch frames fixed by the data: a sequence switches "
+                "once, from the first prompt to the second; the later prompts are not used (fix the switch frames in "
+                "the data to follow every prompt)",
+                stacklevel=2,
+            )
         # Samples with one prompt keep it after the switch (their padded slot 1 is empty).
         single = ~texts.mask[:, 1:2].any(-1) if texts.mask.shape[1] > 1 else None
         if single is None:
