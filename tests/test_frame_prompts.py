@@ -127,9 +127,9 @@ def test_dmd_follows_the_narratives_switches() -> None:
     Without fixed switches (-1) prompt 0 conditions everything, as before."""
     module = dmd_module()
     fixed = module._texts(_narrative_batch(3))
-    assert fixed.switches_fixed and module.condition(fixed, 6).frame_prompt.tolist() == [[0, 0, 0, 1, 1, 1]] * 2
+    assert fixed.fixed.all() and module.condition(fixed, 6).frame_prompt.tolist() == [[0, 0, 0, 1, 1, 1]] * 2
     free = module._texts(prompt_batch(batch=2, prompts=2))
-    assert not free.switches_fixed and torch.equal(module.condition(free, 6), free.embeds[:, 0])
+    assert not free.fixed.any() and torch.equal(module.condition(free, 6), free.embeds[:, 0])
     with torch.no_grad():
         x = module.rollout(fixed, 0, "t", grad=False)
         loss, _ = module.distribution_matching_loss(x, module.condition(fixed, 6), fixed.negative, 0)
@@ -140,6 +140,42 @@ def test_dmd_follows_the_narratives_switches() -> None:
         assert torch.equal(x[:, :, :3], x2[:, :, :3]) and not torch.equal(x[:, :, 3:], x2[:, :, 3:])
         loss2, _ = module.distribution_matching_loss(x, module.condition(changed, 6), fixed.negative, 0)
     assert not torch.equal(loss, loss2)
+
+
+def test_dmd_decides_per_sample_whether_it_follows_switches() -> None:
+    """A batch mixing a narrative with fixed switches and a sample without: each is conditioned as it would be in
+    a batch of its own kind (so ranks holding different mixes train like one process), with a warning naming
+    the sample left to its first prompt."""
+    module = dmd_module()
+    mixed_batch = _narrative_batch(3)
+    mixed_batch.segment_start[1, 1] = -1
+    with pytest.warns(UserWarning, match="1 samples of a batch have several prompts but no switch frames fixed"):
+        mixed = module._texts(mixed_batch)
+    assert mixed.fixed.tolist() == [True, False]
+    assert module.condition(mixed, 6).frame_prompt.tolist() == [[0, 0, 0, 1, 1, 1], [0] * 6]
+    fixed, free = module._texts(_narrative_batch(3)), module._texts(_narrative_batch(-1))
+    with torch.no_grad():
+        x = module.rollout(mixed, 0, "t", grad=False)
+        assert torch.allclose(x[0], module.rollout(fixed, 0, "t", grad=False)[0], atol=1e-5)
+        assert torch.allclose(x[1], module.rollout(free, 0, "t", grad=False)[1], atol=1e-5)
+
+
+def test_every_prompt_slot_is_encoded_in_one_forward() -> None:
+    """Under parameter sharding every forward is a collective: the slot count of a rank's batch must not change
+    how many forwards the text projection runs. The slots' contexts equal one encode_text per slot."""
+    model = _model()
+    calls = []
+    model.condition_embedder.text_embedder.register_forward_hook(lambda *_: calls.append(1))
+    states, mask = torch.randn(2, 3, 6, 16), torch.ones(2, 3, 6, dtype=torch.bool)
+    contexts = model.encode_text_slots(states, mask)
+    assert len(calls) == 1 and len(contexts) == 3
+    for p, context in enumerate(contexts):
+        alone = model.encode_text(states[:, p], mask[:, p])
+        for a, b in zip(context.keys + context.values, alone.keys + alone.values, strict=True):
+            assert torch.allclose(a, b, atol=1e-6)
+    calls.clear()
+    model.encode_text_slots(states[:, :1], mask[:, :1])
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("attention", ["streaming", "bidirectional"])

@@ -93,3 +93,26 @@ def test_changed_memory_at_resume_drops_the_carried_sequence() -> None:
     with pytest.warns(UserWarning, match="memory settings changed at resume"):
         other.on_load_checkpoint(dict(checkpoint))
     assert other._pending_state is None
+
+
+def test_each_sample_follows_its_fixed_switches_or_the_drawn_one() -> None:
+    """A batch mixing a narrative with fixed switches and a prompt pair: the narrative keeps its own switch and
+    per-frame prompts in the window; the pair switches at the drawn frame and is scored under the prompt at the
+    window's end. The sequence ends with the fixed narrative."""
+    from tests.method_helpers import prompt_batch
+
+    module = dmd_module(StreamingLongTuning, max_length=18, frames_per_step=6, window=9, min_switch_frame=6)
+    batch = prompt_batch(prompts=2)
+    batch.segment_start[0, 1], batch.segment_start[1, 1] = 3, -1
+    batch.num_frames = torch.tensor([12, 99])
+    state = module._start_sequence(batch, step=0)
+    assert state.end == 12 and state.drawn.tolist() == [False, True] and state.texts.fixed.all()
+    assert state.texts.starts().tolist() == [[0, 3], [0, state.switch_frame]] and state.switch_frame in (6, 9)
+    module.sequence = state
+    module.continue_sequence(state, step=0, grad=False)
+    module.continue_sequence(state, step=1, grad=False)
+    end_slot = 1 if state.switch_frame < 12 else 0
+    whole = module._window_condition(state, 12)  # frames 0..11: row 0 switches at 3
+    assert whole.frame_prompt.tolist() == [[0] * 3 + [1] * 9, [end_slot] * 12]
+    window = module._window_condition(state, 9)  # frames 3..11: no row switches inside, the plain states
+    assert torch.equal(window, torch.stack([state.texts.embeds[0, 1], state.texts.embeds[1, end_slot]]))

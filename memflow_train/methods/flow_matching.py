@@ -237,7 +237,7 @@ class FlowMatchingFinetune(LightningModule):
             return self._bidirectional_loss(x0, embeds, mask, starts, rng, sample_chunks)
         t = torch.stack([self.schedule.training_timesteps(rng, lo, hi) for _ in range(chunks)], 1).to(self.device)
         noise = rng.randn(tuple(x0.shape), self.device, x0.dtype)
-        contexts = [self.model.encode_text(embeds[:, p], mask[:, p]) for p in range(embeds.shape[1])]
+        contexts = self.model.encode_text_slots(embeds, mask)  # one forward, whatever the slot count
         if starts is None:
             prompts = PromptSchedule.single(contexts[0])
         else:

@@ -82,20 +82,38 @@ class TextBatch:
     segment_start: torch.Tensor | None = None  # (B, P): where each prompt starts; -1 = the method picks
 
     @property
-    def switches_fixed(self) -> bool:
-        """Several prompts whose switch frames the data fixes: the narrative's prompts condition its frames."""
+    def fixed(self) -> torch.Tensor:
+        """(B,) bool: the samples with several prompts whose switch frames the data fixes (they follow them)."""
         if self.segment_start is None or self.embeds.shape[1] < 2:
-            return False
+            return torch.zeros(self.embeds.shape[0], dtype=torch.bool, device=self.embeds.device)
         real = self.mask.any(-1)
-        return bool(real[:, 1:].any()) and not bool((real & (self.segment_start < 0)).any())
+        return real[:, 1:].any(1) & ~(real & (self.segment_start < 0)).any(1)
+
+    @property
+    def unfixed(self) -> torch.Tensor:
+        """(B,) bool: samples with several prompts but switch frames left to the method."""
+        several = self.mask.any(-1)[:, 1:].any(1)  # (B,), all False with one prompt slot
+        return several & ~self.fixed
 
     def starts(self) -> torch.Tensor:
-        """segment_start with padding slots (no real token) moved past any frame, so they never take effect."""
-        return torch.where(self.mask.any(-1), self.segment_start, torch.iinfo(torch.long).max)
+        """(B, P) long: the frame where each prompt slot starts. A sample with fixed switches follows them; any
+        other sample is conditioned by its first prompt throughout. Unused slots start never (int64 max).
+        Decided per sample, so a sample is conditioned alike whatever else its batch (or rank) holds."""
+        b, p = self.embeds.shape[:2]
+        fixed = self.fixed
+        starts = torch.full((b, p), _NEVER, dtype=torch.long, device=self.embeds.device)
+        if self.segment_start is not None:
+            used = self.mask.any(-1) & fixed[:, None]
+            starts = torch.where(used, self.segment_start.to(starts.device), starts)
+        starts[~fixed, 0] = 0
+        return starts
 
     def frame_prompts(self, frames: int, offset: int = 0) -> FramePrompts:
-        """The narrative's prompt of every frame offset .. offset + frames - 1 (needs switches_fixed)."""
+        """Every sample's prompt of each frame offset .. offset + frames - 1 (see starts)."""
         return FramePrompts.from_segments(self.embeds, self.mask, self.starts(), frames, offset)
+
+
+_NEVER = torch.iinfo(torch.long).max
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -191,6 +209,7 @@ class SelfForcingDMD(LightningModule):
         self.ema = ParameterEMA(ema_decay, ema_start_step) if ema_decay is not None else None
         self._negative_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.step_log = StepLog(progress_bar=("train/generator_loss", "train/critic_loss"))
+        self._warned_unfixed = False
         self.skipped_in_a_row = {"generator": 0, "critic": 0}
         self.last_exit_steps: list[int] = []  # the latest rollout's exit steps, for inspection
 
@@ -278,16 +297,29 @@ class SelfForcingDMD(LightningModule):
         else:
             raise ValueError("the batch has no negative_embeds and no text_encoder is configured")
         segment_start = getattr(batch, "segment_start", None)
-        return TextBatch(
+        texts = TextBatch(
             embeds.to(self.device, dtype),
             mask.to(self.device),
             negative.to(self.device, dtype),
             negative_mask.to(self.device),
             segment_start.to(self.device) if segment_start is not None else None,
         )
+        message = self._unused_prompts(texts)
+        if message is not None and not self._warned_unfixed:
+            self._warned_unfixed = True
+            warnings.warn(message, stacklevel=3)
+        return texts
 
-    def _context(self, model: CausalWanTransformer, embeds: torch.Tensor, mask: torch.Tensor) -> TextContext:
-        return model.encode_text(embeds.to(model.dtype), mask)
+    def _unused_prompts(self, texts: TextBatch) -> str | None:
+        """The warning naming the prompts this method leaves unused, if any."""
+        count = int(texts.unfixed.sum())
+        if not count:
+            return None
+        return (
+            f"{count} samples of a batch have several prompts but no switch frames fixed by the data: self-forcing "
+            "conditions each of them by its first prompt only (fix the switch frames to follow every prompt); "
+            "this warning is shown once"
+        )
 
     def _predict_x0(
         self,
@@ -301,9 +333,15 @@ class SelfForcingDMD(LightningModule):
         return flow, self.schedule.x0_from_flow(x_t.float(), flow, t)
 
     def condition(self, texts: TextBatch, frames: int) -> torch.Tensor | FramePrompts:
-        """What conditions the teacher and critic on a rollout of `frames` frames from frame 0: the narrative's
-        prompt per frame when the data fixes its switches, else prompt 0."""
-        return texts.frame_prompts(frames) if texts.switches_fixed else texts.embeds[:, 0]
+        """What conditions the teacher and critic on a rollout of `frames` frames from frame 0: each sample's
+        prompt per frame (TextBatch.starts); the plain (B, L, D) states when no sample switches inside."""
+        return texts.frame_prompts(frames).collapsed()
+
+    def prompt_schedule(self, texts: TextBatch) -> PromptSchedule:
+        """The generator's prompt schedule of the batch (TextBatch.starts), every slot encoded in one forward."""
+        starts = texts.starts()
+        contexts = self.generator.encode_text_slots(texts.embeds.to(self.generator.dtype), texts.mask)
+        return PromptSchedule.per_sample(contexts, starts, starts != _NEVER)
 
     def _draw_exit_steps(self, chunks: int, generator: torch.Generator) -> list[int]:
         steps = len(self.sampler.timesteps)
@@ -327,8 +365,8 @@ class SelfForcingDMD(LightningModule):
     # ------------------------------------------------------------------------------------ rollout + losses
 
     def rollout(self, texts: TextBatch, step: int, purpose: str, grad: bool) -> torch.Tensor:
-        """Generate num_frames latent frames from noise with the generator's own cache: the narrative's
-        prompts at their switch frames (recache at each switch) when the data fixes them, else prompt 0."""
+        """Generate num_frames latent frames from noise with the generator's own cache: each sample's prompts
+        at its fixed switch frames (recache at each switch), a sample without fixed switches its prompt 0."""
         b = texts.embeds.shape[0]
         c = self.generator.config.in_channels
         noise_rng = self._sample_noise(step, purpose + "/noise", b)
@@ -337,12 +375,7 @@ class SelfForcingDMD(LightningModule):
         exit_steps = self._draw_exit_steps(chunks, self._shared_rng(step, purpose + "/exit"))
         self.last_exit_steps = exit_steps
         with torch.set_grad_enabled(grad):
-            if texts.switches_fixed:
-                slots = range(texts.embeds.shape[1])
-                contexts = [self._context(self.generator, texts.embeds[:, p], texts.mask[:, p]) for p in slots]
-                prompts = PromptSchedule.per_sample(contexts, texts.segment_start, texts.mask.any(-1))
-            else:
-                prompts = PromptSchedule.single(self._context(self.generator, texts.embeds[:, 0], texts.mask[:, 0]))
+            prompts = self.prompt_schedule(texts)
         stream = self.sampler.new_stream()
         return self.sampler.rollout(
             stream, noise, prompts, exit_steps, 0 if grad else None, noise_rng, Lockstep(self).any

@@ -1,16 +1,17 @@
 """Streaming long tuning (stage 2): one long rollout carried across training steps.
 
 A sequence lives across steps in a SequenceState: the generator's stream (KV cache, memory bank,
-recent clean frames), the prompt pair, the switch frame and the frames generated so far. Each
+recent clean frames), the prompts and where each starts, and the frames generated so far. Each
 step continues the sequence by frames_per_step frames (exit-step gradients on generator steps),
 supervises the last `window` frames with the DMD loss only on the new frames, and trains the
 critic on the same window. A sequence restarts from the current batch once it reaches
-max_length. A narrative whose switch frames the data fixes is followed as it is: every prompt
-from its start frame, and the teacher and critic see each window frame's own prompt. Otherwise
-(prompt pairs, switch -1) each sequence switches prompt once, at a random chunk drawn identically
-on every rank, and the window is scored under the prompt at its end. At every switch the recent
-frames are re-encoded under the new prompt (recache). The state is saved in checkpoints, so a
-resumed run continues the same sequence.
+max_length (or the shortest fixed narrative of the batch, agreed over ranks). Decided per sample:
+a narrative whose switch frames the data fixes is followed as it is, every prompt from its start
+frame, and the teacher and critic see each window frame's own prompt; any other sample (a prompt
+pair, or one prompt kept throughout) switches once, from its prompt 0 to its prompt 1, at a random
+chunk drawn identically on every rank, and its window is scored under the prompt at the window's
+end. At every switch the recent frames are re-encoded under the new prompt (recache). The state is
+saved in checkpoints, so a resumed run continues the same sequence.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from memflow_train.strategies.zero import Lockstep
 @dataclass
 class SequenceState:
     stream: Stream
-    texts: TextBatch  # prompt slots 0 (before the switch) and 1 (after it), or the narrative's (switches fixed)
-    switch_frame: int  # the drawn switch (-1 when the narrative fixes its switches)
-    end: int  # the sequence's length: max_length, or the narrative's when shorter
+    texts: TextBatch  # every sample's prompts and where each starts (every switch fixed)
+    switch_frame: int  # the drawn switch of the samples whose data fixes none
+    end: int  # the sequence's length: max_length, or the shortest fixed narrative's when shorter
     history: torch.Tensor | None = None  # (B, C, n, H, W): the last generated frames still in the window
+    drawn: torch.Tensor | None = None  # (B,) bool: samples switching at switch_frame (scored at window end)
 
     @property
     def length(self) -> int:
@@ -51,12 +53,8 @@ class SequenceState:
             "switch_frame": self.switch_frame,
             "end": self.end,
             "history": self.history,
+            "drawn": self.drawn,
         }
-
-    @property
-    def narrative(self) -> bool:
-        """The data fixes the switches: the narrative's prompts are followed."""
-        return self.switch_frame < 0
 
 
 class StreamingLongTuning(SelfForcingDMD):
@@ -100,7 +98,7 @@ class StreamingLongTuning(SelfForcingDMD):
                 f"{-(-self.min_switch_frame // n) * n}, which is not before max_length ({max_length}): no sequence "
                 "would ever switch prompt"
             )
-        self._warned_prompts = False
+        self._warned_short = False
         self.sequence: SequenceState | None = None
         self._pending_state: dict | None = None
 
@@ -108,51 +106,43 @@ class StreamingLongTuning(SelfForcingDMD):
 
     def _start_sequence(self, batch: PromptBatch, step: int) -> SequenceState:
         texts = self._texts(batch)
-        if texts.switches_fixed:
-            n = self.memory.num_frame_per_block
-            end = min(self.max_length, int(batch.num_frames.min()) // n * n)
-            if end < n:
-                raise ValueError(f"narratives of {int(batch.num_frames.min())} latent frames hold no {n}-frame chunk")
-            return SequenceState(self.sampler.new_stream(), texts, -1, end)
-        if texts.mask.shape[1] > 2 and bool(texts.mask[:, 2:].any()) and not self._warned_prompts:
-            self._warned_prompts = True
+        n = self.memory.num_frame_per_block
+        fixed = texts.fixed
+        end = self.max_length
+        if bool(fixed.any()):
+            shortest = int(batch.num_frames.to(fixed.device)[fixed].min())
+            if shortest < n:
+                raise ValueError(f"narratives of {shortest} latent frames hold no {n}-frame chunk")
+            end = min(end, shortest // n * n)
+        end = Lockstep(self, everywhere=True).min(end)  # every rank restarts its sequence at the same step
+        first, last = -(-self.min_switch_frame // n), end // n - 1
+        chunk = int(torch.randint(first, max(first, last) + 1, (1,), generator=self._shared_rng(step, "switch")))
+        drawn = ~fixed
+        if bool(drawn.any()) and chunk * n >= end and not self._warned_short:
+            self._warned_short = True
             warnings.warn(
-                f"samples with {texts.mask.shape[1]} prompts and no switch frames fixed by the data: a sequence switches "
-                "once, from the first prompt to the second; the later prompts are not used (fix the switch frames in "
-                "the data to follow every prompt)",
+                f"a sequence ends at frame {end} (the shortest narrative with fixed switches in the batch), before "
+                f"min_switch_frame takes effect (frame {first * n}): its samples without fixed switches keep their "
+                "first prompt throughout; this warning is shown once",
                 stacklevel=2,
             )
-        # Samples with one prompt keep it after the switch (their padded slot 1 is empty).
-        single = ~texts.mask[:, 1:2].any(-1) if texts.mask.shape[1] > 1 else None
-        if single is None:
-            embeds, mask = texts.embeds.repeat(1, 2, 1, 1), texts.mask.repeat(1, 2, 1)
-        else:
-            embeds, mask = texts.embeds[:, :2].clone(), texts.mask[:, :2].clone()
-            embeds[single.squeeze(1), 1], mask[single.squeeze(1), 1] = (
-                embeds[single.squeeze(1), 0],
-                mask[single.squeeze(1), 0],
-            )
-        n = self.memory.num_frame_per_block
-        first, last = -(-self.min_switch_frame // n), self.max_length // n - 1
-        chunk = int(torch.randint(first, max(first, last) + 1, (1,), generator=self._shared_rng(step, "switch")))
-        return SequenceState(
-            self.sampler.new_stream(),
-            TextBatch(embeds, mask, texts.negative, texts.negative_mask),
-            chunk * n,
-            self.max_length,
+        return SequenceState(self.sampler.new_stream(), _with_drawn_switch(texts, drawn, chunk * n), chunk * n, end,
+                             drawn=drawn)  # fmt: skip
+
+    def _unused_prompts(self, texts: TextBatch) -> str | None:
+        """Samples without fixed switches use their first two prompts: name the ones with more."""
+        more = texts.unfixed & texts.mask.any(-1)[:, 2:].any(1) if texts.mask.shape[1] > 2 else None
+        if more is None or not bool(more.any()):
+            return None
+        return (
+            f"{int(more.sum())} samples of a batch have {texts.mask.shape[1]} prompts and no switch frames fixed by "
+            "the data: each switches once, from its first prompt to its second, at a drawn frame; the later prompts "
+            "are not used (fix the switch frames in the data to follow every prompt); this warning is shown once"
         )
 
     def _prompts(self, state: SequenceState, grad: bool) -> PromptSchedule:
-        t = state.texts
         with torch.set_grad_enabled(grad):
-            if state.narrative:
-                contexts = [
-                    self._context(self.generator, t.embeds[:, p], t.mask[:, p]) for p in range(t.embeds.shape[1])
-                ]
-                return PromptSchedule.per_sample(contexts, t.segment_start, t.mask.any(-1))
-            a = self._context(self.generator, t.embeds[:, 0], t.mask[:, 0])
-            b = self._context(self.generator, t.embeds[:, 1], t.mask[:, 1])
-        return PromptSchedule([(0, a), (state.switch_frame, b)])
+            return self.prompt_schedule(state.texts)
 
     def continue_sequence(self, state: SequenceState, step: int, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Generate the next frames; returns the supervised window and the mask of its new frames."""
@@ -183,12 +173,14 @@ class StreamingLongTuning(SelfForcingDMD):
         return window, mask
 
     def _window_condition(self, state: SequenceState, frames: int) -> torch.Tensor | FramePrompts:
-        """What conditions the teacher and critic on the last `frames` frames: each frame's own prompt when the
-        narrative fixes them, else the prompt at the window's end."""
-        if state.narrative:
-            return state.texts.frame_prompts(frames, offset=state.length - frames)
-        slot = 1 if state.length - 1 >= state.switch_frame else 0
-        return state.texts.embeds[:, slot]
+        """What conditions the teacher and critic on the last `frames` frames: each frame's own prompt for a
+        sample with fixed switches; the prompt at the window's end for a sample switching at the drawn frame."""
+        prompts = state.texts.frame_prompts(frames, offset=state.length - frames)
+        if state.drawn is not None and bool(state.drawn.any()):
+            at_end = prompts.frame_prompt[:, -1:].expand_as(prompts.frame_prompt)
+            chosen = torch.where(state.drawn[:, None].to(at_end.device), at_end, prompts.frame_prompt)
+            prompts = FramePrompts(prompts.embeds, prompts.mask, chosen)
+        return prompts.collapsed()
 
     # ------------------------------------------------------------------------------------ training
 
@@ -213,7 +205,7 @@ class StreamingLongTuning(SelfForcingDMD):
         losses["critic"] = self.critic_loss(window.detach(), cond, step)
         self.update_networks(losses, step)
         self.step_log.put("train/sequence_length", float(state.length))
-        if not state.narrative:
+        if state.drawn is not None and bool(state.drawn.any()):
             self.step_log.put(
                 "train/prompt_switched", float(not switched_before and state.length >= state.switch_frame)
             )
@@ -244,8 +236,30 @@ class StreamingLongTuning(SelfForcingDMD):
         t = _to_device(state["texts"], self.device)
         texts = TextBatch(t["embeds"], t["mask"], t["negative"], t["negative_mask"], t.get("segment_start"))
         history = state["history"].to(self.device) if state["history"] is not None else None
-        end = int(state.get("end", self.max_length))
-        return SequenceState(stream, texts, int(state["switch_frame"]), end, history)
+        end, switch = int(state.get("end", self.max_length)), int(state["switch_frame"])
+        drawn = state.get("drawn")
+        if drawn is None:  # saved before per-sample switches: one mode for the whole batch
+            drawn = torch.full((texts.embeds.shape[0],), switch >= 0, dtype=torch.bool, device=self.device)
+            if switch >= 0:
+                texts = _with_drawn_switch(texts, drawn, switch)
+        return SequenceState(stream, texts, switch, end, history, drawn.to(self.device))
+
+
+def _with_drawn_switch(texts: TextBatch, drawn: torch.Tensor, switch: int) -> TextBatch:
+    """texts with every switch fixed: the drawn samples (B,) start their prompt 1 at `switch` (a sample with
+    one prompt keeps it: its slot 1 repeats slot 0), and their later prompts are unused."""
+    b, p = texts.embeds.shape[:2]
+    embeds = torch.cat([texts.embeds, texts.embeds[:, :1]], 1) if p < 2 else texts.embeds.clone()
+    mask = torch.cat([texts.mask, texts.mask[:, :1]], 1) if p < 2 else texts.mask.clone()
+    single = drawn & ~mask[:, 1].any(-1)
+    embeds[single, 1], mask[single, 1] = embeds[single, 0], mask[single, 0]
+    mask[drawn, 2:] = False
+    starts = torch.full((b, embeds.shape[1]), -1, dtype=torch.long, device=embeds.device)
+    if texts.segment_start is not None:
+        starts[:, :p] = texts.segment_start.to(starts.device)
+    starts[drawn, 0], starts[drawn, 1] = 0, switch
+    starts[drawn, 2:] = -1
+    return TextBatch(embeds, mask, texts.negative, texts.negative_mask, starts)
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

@@ -103,6 +103,14 @@ class FramePrompts:
     def to(self, dtype: torch.dtype) -> FramePrompts:
         return FramePrompts(self.embeds.to(dtype), self.mask, self.frame_prompt)
 
+    def collapsed(self) -> torch.Tensor | FramePrompts:
+        """The text states (B, L, D) of each sample's one prompt when no sample switches prompt inside these
+        frames (the same conditioning through the plain, cheaper path), else self."""
+        if self.frame_prompt.shape[1] == 0 or bool((self.frame_prompt != self.frame_prompt[:, :1]).any()):
+            return self
+        rows = torch.arange(self.embeds.shape[0], device=self.embeds.device)
+        return self.embeds[rows, self.frame_prompt[:, 0]]
+
     @staticmethod
     def cat(parts: list[FramePrompts]) -> FramePrompts:
         """Along the batch; prompt slots padded to the most (padding slots are never selected)."""
@@ -286,6 +294,16 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         context = self.condition_embedder.text_embedder(text_states)
         kv = [block.text_kv(context) for block in self.blocks]
         return TextContext([k for k, _ in kv], [v for _, v in kv], mask)
+
+    def encode_text_slots(self, text_states: torch.Tensor, mask: torch.Tensor) -> list[TextContext]:
+        """Per-layer cross-attention K/V of every prompt slot of text encoder states (B, P, L, text_dim) with
+        mask (B, P, L), in ONE forward whatever P is (under parameter sharding every rank must run the same
+        forwards, and ranks' batches may hold different numbers of prompts): one TextContext per slot."""
+        b, p = text_states.shape[:2]
+        flat = self.encode_text(text_states.flatten(0, 1), mask.flatten(0, 1))
+        keys = [k.unflatten(0, (b, p)) for k in flat.keys]
+        values = [v.unflatten(0, (b, p)) for v in flat.values]
+        return [TextContext([k[:, i] for k in keys], [v[:, i] for v in values], mask[:, i]) for i in range(p)]
 
     def encode_prompts(self, prompts: FramePrompts) -> PromptTrack:
         """Per-layer cross-attention K/V of every prompt slot, and each frame's slot."""

@@ -46,9 +46,13 @@ class Lockstep:
     longest sample, a recache at a prompt switch, one forward per sample length) are agreed on first; without
     sharding (or outside a trainer) every method returns the local value and communicates nothing."""
 
-    def __init__(self, module: object) -> None:
+    def __init__(self, module: object, everywhere: bool = False) -> None:
+        """everywhere: agree over the ranks of any multi-process strategy, not only under sharding (for
+        choices that keep ranks in step, like when a carried sequence restarts)."""
         trainer = getattr(module, "_trainer", None)
-        self.strategy = trainer.strategy if trainer is not None and shards_parameters(trainer.strategy) else None
+        strategy = trainer.strategy if trainer is not None else None
+        agree = strategy is not None and (trainer.world_size > 1 if everywhere else shards_parameters(strategy))
+        self.strategy = strategy if agree else None
 
     def any(self, flag: bool) -> bool:
         """Whether any rank's flag is set."""
@@ -59,6 +63,10 @@ class Lockstep:
         if self.strategy is None:
             return value
         return int(self.strategy.reduce(torch.tensor(float(value), device=self.strategy.root_device), reduce_op="max"))
+
+    def min(self, value: int) -> int:
+        """The smallest value over ranks."""
+        return -self.max(-value)
 
     def union(self, values: set[int], bound: int) -> set[int]:
         """Every rank's values (integers in [0, bound))."""
