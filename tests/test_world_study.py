@@ -169,18 +169,31 @@ def test_bootstrap_intervals_pool_counts_and_pair_variants() -> None:
 
 @pytest.mark.slow
 def test_the_study_runs_end_to_end_at_test_scale(tmp_path: Path) -> None:
-    """Every stage of python -m memflow_train.study (world, teacher, its check, causal init, stage 1 and 2 for
-    two variants, evaluations, report) runs with a few steps each, and a second run resumes (skips them all)."""
+    """Every stage of python -m memflow_train.study (world, teacher, its check, causal init, stage 1 and 2,
+    evaluations, report) runs with a few steps each for one variant (the paired comparison of two variants is
+    test_bootstrap_intervals_pool_counts_and_pair_variants'), and a second run resumes (skips them all)."""
     out = tmp_path / "study"
-    command = [sys.executable, "-m", "memflow_train.study", "--out", str(out), "--scale", "test"]
-    command += ["--variants", "off", "sma"]
-    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    command = [sys.executable, "-m", "memflow_train.study", "--out", str(out), "--scale", "test", "--variants", "sma"]
+    first = subprocess.run([*command, "--until", "eval-teacher"], cwd=REPO, capture_output=True, text=True,
+                           timeout=900)  # fmt: skip
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert sorted(p.parent.name for p in out.glob("*/DONE")) == ["eval-teacher", "teacher", "world"]
+    rest = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert rest.returncode == 0, rest.stdout[-3000:] + rest.stderr[-3000:]
     results = (out / "report" / "results.md").read_text()
-    for name in ("eval-teacher", "eval-init", "eval-stage1-off", "eval-stage2-sma", "bench-stage2-sma"):
+    for name in ("eval-teacher", "eval-init", "eval-stage1-sma", "eval-stage2-sma", "bench-stage2-sma"):
         assert name in results
-    assert "vs off" in results and (out / "report" / "figure.png").stat().st_size > 0
+    assert (out / "report" / "figure.png").stat().st_size > 0
     rows = json.loads((out / "report" / "results.json").read_text())
-    assert {r["name"] for r in rows} >= {"bench-stage2-off", "bench-stage2-sma"}
+    assert {r["name"] for r in rows} >= {"eval-stage2-sma", "bench-stage2-sma"}
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0 and second.stdout.count(": done (") == 16, second.stdout  # every stage
+    assert second.returncode == 0 and second.stdout.count(": done (") == 11, second.stdout  # every stage
+
+
+def test_the_study_refuses_an_unknown_stage_to_stop_after(capsys: pytest.CaptureFixture[str]) -> None:
+    from memflow_train.study import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--until", "stage3-nam", "--variants", "nam"])
+    assert stop.value.code == 2
+    assert "--until stage3-nam: not a stage of this study; its stages are world, teacher" in capsys.readouterr().err
