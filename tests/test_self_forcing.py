@@ -234,8 +234,11 @@ def test_text_encoder_loads_only_when_a_batch_lacks_embeddings() -> None:
     batch = prompt_batch(prompts=2)
     batch.prompt_embeds = batch.negative_embeds = None
     texts = module._texts(batch)
-    expected, mask = WanTextEncoder.tiny(d_model=16, text_len=8)(batch.prompts[0])
-    assert torch.equal(texts.embeds[0], expected) and torch.equal(texts.mask[0], mask)
+    expected, mask = WanTextEncoder.tiny(d_model=16, text_len=8).to(torch.bfloat16)(batch.prompts[0])
+    assert expected.dtype == torch.bfloat16  # the spec's dtype (default bfloat16), as a real encoder loads
+    assert torch.equal(texts.embeds[0], expected.float()) and torch.equal(texts.mask[0], mask)
+    as_float = TextEncoderSpec(tiny_d_model=16, text_len=8, dtype="float32").build()
+    assert next(as_float.parameters()).dtype == torch.float32
     assert texts.negative.shape == (2, 8, 16)
     with pytest.raises(ValueError, match="text_encoder width 8 differs from generator.text_dim 16"):
         dmd_module(text_encoder=TextEncoderSpec(tiny_d_model=8))

@@ -154,7 +154,8 @@ class TextEncoderSpec:
             return WanTextEncoder.from_pretrained(
                 self.path, self.tokenizer_path, self.text_len, torch_dtype(self.dtype)
             )
-        return WanTextEncoder.tiny(d_model=self.tiny_d_model, text_len=self.text_len, seed=self.seed)
+        tiny = WanTextEncoder.tiny(d_model=self.tiny_d_model, text_len=self.text_len, seed=self.seed)
+        return tiny.to(torch_dtype(self.dtype))  # the dtype a real encoder would load in
 
 
 class OnDemandTextEncoder:
