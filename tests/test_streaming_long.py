@@ -116,3 +116,15 @@ def test_each_sample_follows_its_fixed_switches_or_the_drawn_one() -> None:
     assert whole.frame_prompt.tolist() == [[0] * 3 + [1] * 9, [end_slot] * 12]
     window = module._window_condition(state, 9)  # frames 3..11: no row switches inside, the plain states
     assert torch.equal(window, torch.stack([state.texts.embeds[0, 1], state.texts.embeds[1, end_slot]]))
+
+
+def test_a_sequence_cut_short_by_a_fixed_narrative_names_the_switch_it_skips() -> None:
+    from tests.method_helpers import prompt_batch
+
+    module = dmd_module(StreamingLongTuning, max_length=18, frames_per_step=6, window=9, min_switch_frame=9)
+    batch = prompt_batch(prompts=2)
+    batch.segment_start[0, 1], batch.segment_start[1, 1] = 3, -1
+    batch.num_frames = torch.tensor([6, 99])
+    with pytest.warns(UserWarning, match="ends at frame 6 .* before min_switch_frame takes effect \\(frame 9\\)"):
+        state = module._start_sequence(batch, step=0)
+    assert state.end == 6 and state.texts.starts()[1].tolist() == [0, state.switch_frame] and state.switch_frame >= 9

@@ -121,7 +121,8 @@ class StreamingLongTuning(SelfForcingDMD):
         if bool(drawn.any()) and chunk * n >= end and not self._warned_short:
             self._warned_short = True
             warnings.warn(
-                f"a sequence ends at frame {end} (the shortest narrative with fixed switches in the batch), before "
+                f"a sequence ends at frame {end} (the shortest narrative with fixed switches in this step's batch on "
+                f"any rank), before "
                 f"min_switch_frame takes effect (frame {first * n}): its samples without fixed switches keep their "
                 "first prompt throughout; this warning is shown once",
                 stacklevel=2,
