@@ -1,19 +1,15 @@
-"""Issue 14 A: a value the program cannot honour exactly is refused or warned about, naming it; never rounded,
-truncated, dropped or replaced without a word. One section per instance the audit found."""
+"""Issue 14 A, settings and options: a value the program cannot honour exactly is refused or warned about,
+naming it; never rounded, dropped or replaced without a word. One section per instance the audit found."""
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import os
 import subprocess
 import sys
 import warnings
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import pytest
 import torch
 import yaml
@@ -21,108 +17,21 @@ import yaml
 from callbacks.evaluate import main as evaluate_main
 from callbacks.long_video import LongVideoEvaluation
 from data.datamodule import ShardDataModule
-from data.format import SampleSpec, decode_sample
-from data.prepare.__main__ import SkippedFilesWarning
-from data.prepare.__main__ import main as prepare_main
-from data.reading import expand_urls, iter_raw_samples
-from data.video_io import FrameRateWarning, encode_mp4
 from memflow_train.benchmarks import attention_backends, bank_exposure, cost_growth, dmd_step, memory_overhead
 from memflow_train.checks import IgnoredSettingWarning
 from memflow_train.cli import MemflowCLI
 from memflow_train.cli import run as train_run
 from memflow_train.evaluation.features import FeatureModelSpec
-from memflow_train.evaluation.narratives import ChunkGridWarning, EvalNarrative, warn_off_grid
 from memflow_train.export import main as export_main
 from memflow_train.generation.build import Recipe, load_generator, load_text_encoder, with_memory_flags
 from memflow_train.generation.cli import main as generate_main
-from memflow_train.generation.mp4 import Mp4Writer
-from memflow_train.generation.narrative import Narrative, narrative_from_record, read_narratives
 from memflow_train.memory import MemoryConfig
 from memflow_train.methods.specs import BackboneSpec, TextEncoderSpec
 from memflow_train.models.loading import load_transformer
-from memflow_train.models.text_encoder import PromptTruncatedWarning, WanTextEncoder
+from memflow_train.models.text_encoder import WanTextEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
-
-
-def _read_shards(urls: str) -> list:
-    return [
-        decode_sample(raw, SampleSpec(fields=()))
-        for url in expand_urls(urls)
-        for raw in iter_raw_samples(url, pytest.fail)
-    ]
-
-
-def _cut(record: list[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in record if w.category is PromptTruncatedWarning]
-
-
-# ----------------------------------------------------------------------------------- prompts cut to a context
-
-
-def test_clip_warns_once_per_prompt_it_cuts_to_its_context() -> None:
-    clip = FeatureModelSpec(kind="clip", tiny=True).build()  # byte-level tokenizer: one token per character
-    long = "a red circle rolls slowly to the left across a grey floor while a blue square waits by the wall"
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        clip.text_features([long, "short"])
-        clip.text_features([long])  # the same prompt again: already named
-    (message,) = _cut(record)
-    assert message.startswith(f"prompt of {len(long) + 1} tokens cut to CLIP's context of 77 tokens: 'a red circle")
-
-
-def test_prepare_names_the_first_cut_prompts_then_counts_the_rest(tmp_path: Path) -> None:
-    """A large prompt file does not print a warning per prompt: five are named, the rest counted once."""
-    prompts = [f"prompt number {i} is much longer than sixteen tokens" for i in range(8)]
-    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
-    args = ["prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "out"), "--quiet"]
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        prepare_main([*args, "--text-encoder", "tiny", "--tiny-text-dim", "8", "--text-len", "16"])
-    messages = _cut(record)
-    assert len(messages) == 6
-    assert all("cut to text_len=16: 'prompt number" in m for m in messages[:5])
-    assert "further cut prompts are counted" in messages[4]
-    assert messages[5] == "3 more prompts cut to text_len=16 (the first 5 were named above)"
-
-
-# ----------------------------------------------------------------------------------- mp4 frame rates
-
-
-@pytest.mark.parametrize(
-    ("fps", "rate"), [(12.5, Fraction(25, 2)), (0.4, Fraction(2, 5)), (29.97, Fraction(2997, 100))]
-)
-def test_mp4_frame_rates_are_stored_exactly(tmp_path: Path, fps: float, rate: Fraction) -> None:
-    """Both writers used round(fps): 12.5 became 12, and 0.4 became 0, which the muxer turned into 24."""
-    frames = torch.zeros(3, 16, 16, 3, dtype=torch.uint8)
-    with Mp4Writer(tmp_path / "v.mp4", 16, 16, fps=fps) as writer:
-        writer.write(frames)
-    (tmp_path / "w.mp4").write_bytes(encode_mp4(frames, fps))
-    for name in ("v.mp4", "w.mp4"):
-        with av.open(str(tmp_path / name)) as container:
-            assert container.streams.video[0].average_rate == rate, name
-
-
-@pytest.mark.parametrize(
-    ("fps", "message"),
-    [(0, "fps must be > 0, got 0"), (-16, "fps must be > 0"), (0.1234567, "fps 0.1234567 cannot be stored exactly")],
-)
-def test_mp4_frame_rates_that_cannot_be_stored_are_refused(tmp_path: Path, fps: float, message: str) -> None:
-    frames = torch.zeros(3, 16, 16, 3, dtype=torch.uint8)
-    with pytest.raises(ValueError, match=message):
-        encode_mp4(frames, fps)
-    with pytest.raises(ValueError, match=message):
-        Mp4Writer(tmp_path / "v.mp4", 16, 16, fps=fps)
-    assert not list(tmp_path.iterdir())
-
-
-def test_generation_refuses_a_frame_rate_it_cannot_store(tmp_path: Path) -> None:
-    (tmp_path / "n.txt").write_text("a\n")
-    args = [str(tmp_path / "n.txt"), "--config", str(DEMO), "--output", str(tmp_path / "o"), "--num-frames", "6"]
-    with pytest.raises(SystemExit, match=r"--fps 0\.1234567 cannot be stored exactly .* nearest is 10/81"):
-        generate_main([*args, "--fps", "0.1234567"])
-
 
 # ----------------------------------------------------------------------------------- callbacks.evaluate options
 
@@ -157,88 +66,6 @@ def test_evaluate_refuses_option_values_it_cannot_honour(tmp_path: Path, flags: 
 def test_the_evaluation_callback_refuses_bad_numbers(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         LongVideoEvaluation(**overrides)
-
-
-# ----------------------------------------------------------------------------------- narrative lengths
-
-
-@pytest.mark.parametrize(
-    ("record", "frames_per_prompt", "num_frames", "message"),
-    [
-        ({"segment_frames": [6, 6], "num_frames": 9}, None, None, r"segment_frames \[6, 6\] add up to 12 .* is 9"),
-        ({"segment_frames": [6, 6], "num_frames": 30}, None, None, r"add up to 12 frames but num_frames is 30"),
-        ({"segment_frames": [6, 6], "switch_frames": [4]}, None, None, r"switches at \[6\] but switch_frames is \[4\]"),
-        ({"segment_frame": [6, 6]}, None, 12, r"unknown keys \['segment_frame'\]; .*'segment_frames'"),
-        ({}, 6, 30, r"--frames-per-prompt 6 x 2 prompts is 12 frames, but --num-frames is 30"),
-        ({"switch_frames": [6]}, 6, 30, r"--frames-per-prompt 6 ends the narrative at 12, but --num-frames is 30"),
-    ],
-)
-def test_narrative_lengths_that_contradict_each_other_are_refused(
-    record: dict, frames_per_prompt: int | None, num_frames: int | None, message: str
-) -> None:
-    """Each used to be read with one value silently winning (the last prompt got 3, 24 or 18 frames)."""
-    with pytest.raises(ValueError, match=message):
-        narrative_from_record({"prompts": ["a", "b"], **record}, frames_per_prompt, num_frames, "n.jsonl line 1")
-
-
-def test_agreeing_lengths_are_accepted() -> None:
-    record = {"prompts": ["a", "b"], "segment_frames": [6, 9], "switch_frames": [6], "num_frames": 15}
-    assert narrative_from_record(record, None, None, "n") == Narrative(("a", "b"), (6,), 15, "n")
-    assert narrative_from_record({"prompts": ["a", "b"]}, 6, 12, "n") == Narrative(("a", "b"), (6,), 12, "n")
-
-
-def test_a_command_length_a_narrative_does_not_use_is_warned_about_once(tmp_path: Path) -> None:
-    path = tmp_path / "n.jsonl"
-    path.write_text('{"prompts": ["a"], "num_frames": 6}\n{"prompts": ["b"], "num_frames": 9}\n{"prompts": ["c"]}\n')
-    flags = {"frames_per_prompt": "--frames-per-prompt", "num_frames": "--num-frames"}
-    with pytest.warns(IgnoredSettingWarning) as record:
-        narratives = read_narratives(path, None, 30, flags)
-    assert [n.num_frames for n in narratives] == [6, 9, 30]
-    (warning,) = record
-    assert str(warning.message) == (
-        f"--num-frames 30 is not used by 2 narrative(s) that fix their own lengths (the record's lengths win): "
-        f"{path} line 1, {path} line 2"
-    )
-
-
-def test_prepare_reads_narratives_as_generation_does(tmp_path: Path) -> None:
-    """data.prepare ignored segment_frames (stored switch [40] and 80 frames) and refused num_frames 12.0."""
-    lines = [
-        {"prompts": ["a", "b"], "segment_frames": [6, 6]},
-        {"prompts": ["a", "b"], "switch_frames": [4], "num_frames": 12.0},
-    ]
-    (tmp_path / "n.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    urls = prepare_main(["narratives", str(tmp_path / "n.jsonl"), "--output", str(tmp_path / "o"), "--quiet"])
-    stored = [(s.switch_frames, s.num_frames) for s in _read_shards(urls)]
-    generated = [(list(n.switch_frames), n.num_frames) for n in read_narratives(tmp_path / "n.jsonl")]
-    assert stored == generated == [([6], 12), ([4], 12)]
-
-
-@pytest.mark.parametrize(
-    ("record", "message"),
-    [
-        (
-            {"prompts": ["a", "b"], "switch_frames": [4.5], "num_frames": 12},
-            "switch_frames must be an integer, got 4.5",
-        ),
-        ({"prompts": ["a"], "num_frames": 12.5}, "num_frames must be an integer, got 12.5"),
-        ({"prompts": ["a"], "segment_frame": [6]}, r"unknown keys \['segment_frame'\]"),
-    ],
-)
-def test_prepare_names_what_is_wrong_with_a_narrative_line(tmp_path: Path, record: dict, message: str) -> None:
-    (tmp_path / "n.jsonl").write_text(json.dumps(record) + "\n")
-    with pytest.raises(ValueError, match=rf"n\.jsonl line 1: {message}"):
-        prepare_main(["narratives", str(tmp_path / "n.jsonl"), "--output", str(tmp_path / "o"), "--quiet"])
-
-
-def test_prepare_warns_when_lines_fix_their_own_lengths_over_frames_per_prompt(tmp_path: Path) -> None:
-    (tmp_path / "n.jsonl").write_text('{"prompts": ["a", "b"], "switch_frames": [4], "num_frames": 12}\n')
-    args = ["narratives", str(tmp_path / "n.jsonl"), "--output", str(tmp_path / "o"), "--quiet"]
-    with pytest.warns(IgnoredSettingWarning, match=r"--frames-per-prompt 6 is not used by 1 narrative"):
-        prepare_main([*args, "--frames-per-prompt", "6"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", IgnoredSettingWarning)
-        prepare_main([*args, "--overwrite"])  # not given: nothing to say
 
 
 # ----------------------------------------------------------------------------------- memory settings
@@ -400,74 +227,6 @@ def test_the_evaluation_refuses_denoising_steps_the_methods_sampler_overrides() 
     LongVideoEvaluation(denoising_steps=(1000, 750, 500, 250))._check_denoising_steps(module)  # the same: fine
 
 
-# ----------------------------------------------------------------------------------- data.prepare videos
-
-
-def _write_video(path: Path, fps: int, frames: int = 13, container: str = "mp4") -> None:
-    video = torch.zeros(frames, 16, 16, 3, dtype=torch.uint8)
-    video[:, 4:12, 4:12] = torch.arange(frames).view(-1, 1, 1, 1) * 15
-    if container == "mp4":
-        path.write_bytes(encode_mp4(video, fps))
-        return
-    with av.open(str(path), mode="w", format=container) as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
-        for frame in video.numpy():
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        out.mux(stream.encode())
-
-
-def _stored(urls: str) -> list[tuple[str, Fraction, float]]:
-    """(key, the stored mp4's frame rate, the sample's recorded fps) of every sample."""
-    out = []
-    for url in expand_urls(urls):
-        for raw in iter_raw_samples(url, pytest.fail):
-            with av.open(io.BytesIO(raw["mp4"])) as container:
-                rate = container.streams.video[0].average_rate
-            out.append((raw["__key__"], rate, json.loads(raw["json"])["info"]["fps"]))
-    return out
-
-
-VIDEO_ARGS = ["--vae", "tiny", "--height", "16", "--width", "16", "--keep-video", *["--text-encoder", "tiny"]]
-VIDEO_ARGS += ["--tiny-text-dim", "8", "--quiet"]
-
-
-def test_prepare_stores_videos_at_their_true_rate(tmp_path: Path) -> None:
-    """--fps 16 on a 10 fps source kept 10 fps silently and labelled the mp4 16; without --fps every stored
-    mp4 was labelled 16 whatever its source's rate."""
-    src = tmp_path / "v"
-    src.mkdir()
-    _write_video(src / "slow.mp4", fps=10)
-    (src / "slow.txt").write_text("a box\n")
-    args = ["videos", str(src), *VIDEO_ARGS]
-    with pytest.warns(FrameRateWarning, match=r"slow\.mp4 runs at 10 fps, slower than the requested 16: its frames"):
-        urls = prepare_main([*args, "--output", str(tmp_path / "a"), "--fps", "16"])
-    assert _stored(urls) == [("slow", 10, 10.0)]
-    assert _stored(prepare_main([*args, "--output", str(tmp_path / "b")])) == [("slow", 10, 10.0)]
-    _write_video(src / "slow.mp4", fps=32, frames=26)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FrameRateWarning)
-        urls = prepare_main([*args, "--output", str(tmp_path / "c"), "--fps", "16"])
-    assert _stored(urls) == [("slow", 16, 16.0)]
-
-
-def test_prepare_reads_common_video_containers_and_counts_other_files(tmp_path: Path) -> None:
-    """Only *.mp4 (case-sensitive) was read: a.MP4, b.mov and c.mkv were skipped without a word."""
-    src = tmp_path / "v"
-    src.mkdir()
-    for name, container in (("a.MP4", "mp4"), ("b.mov", "mov"), ("c.mkv", "matroska")):
-        _write_video(src / name, fps=16, container=container)
-        (src / name).with_suffix(".txt").write_text(f"caption of {name}\n")
-    (src / "notes.json").write_text("{}")
-    (src / "frame.jpg").write_bytes(b"\xff\xd8")
-    with pytest.warns(SkippedFilesWarning, match=r"skipping 2 files that are neither a video .*: \.jpg x1, \.json x1"):
-        urls = prepare_main(["videos", str(src), "--output", str(tmp_path / "o"), *VIDEO_ARGS])
-    assert [key for key, _, _ in _stored(urls)] == ["a", "b", "c"]
-    _write_video(src / "a.mov", fps=16, container="mov")
-    with pytest.raises(ValueError, match=r"a\.MP4 and .*a\.mov share the caption a\.txt"):
-        prepare_main(["videos", str(src), "--output", str(tmp_path / "p"), *VIDEO_ARGS])
-
-
 # ----------------------------------------------------------------------------------- benchmarks
 
 
@@ -513,25 +272,6 @@ def test_benchmark_errors_are_one_line(tmp_path: Path) -> None:
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.startswith("error: --repeats must be >= 1, got 0")
-
-
-# ----------------------------------------------------------------------------------- evaluation's chunk grid
-
-
-def test_evaluation_names_the_narratives_it_moves_to_the_chunk_grid() -> None:
-    """for_chunks rounded 40 frames up to 42 and the generator moved switch 10 to 12 without a word."""
-    off = EvalNarrative(Narrative(("a", "b", "c"), (10, 20), 40, "set:0"))
-    on = EvalNarrative(Narrative(("a", "b"), (6,), 12, "set:1"))
-    with pytest.warns(ChunkGridWarning) as record:
-        warn_off_grid([off, on], 3)
-    (warning,) = record
-    assert str(warning.message) == (
-        "1 of 2 narratives are generated on the 3-frame chunk grid (lengths rounded up to whole chunks, switches at "
-        "the next chunk start): set:0: num_frames 40 -> 42, switch_frames [10, 20] -> [12, 21]"
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ChunkGridWarning)
-        warn_off_grid([on], 3)
 
 
 # ----------------------------------------------------------------------------------- resume
