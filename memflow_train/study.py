@@ -37,7 +37,7 @@ VARIANTS = {
 }
 
 # Sizes per scale: "full" is the study (the configs' own sizes; not yet timed end to end: its teacher alone took
-# about 25 minutes on 2 CPU cores); "test" runs every stage with a few steps each.
+# 1362 s on 2 CPU cores); "test" runs every stage with a few steps each.
 SCALES: dict[str, dict[str, object]] = {
     "full": {
         "world": [],
