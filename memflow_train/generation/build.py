@@ -107,7 +107,7 @@ def with_memory_flags(memory: MemoryConfig, mode: str | None, **knobs: Any) -> M
     if idle:
         flags = ", ".join(f"--{k.replace('_', '-')} {given[k]}" for k in idle)
         state = "the memory is off" if not out.enabled else "SMA is off"
-        how = "--memory on or sma" if not out.enabled else "--memory sma"
+        how = "--memory on or --memory sma" if not out.enabled else "--memory sma"
         source = f"--memory {mode}" if mode is not None else "the recipe's memory settings"
         raise ValueError(f"{flags}: no effect, {state} ({source}); drop them or pass {how}")
     return out
