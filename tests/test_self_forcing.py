@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from memflow_train.memory import MemoryConfig
-from memflow_train.methods import BackboneSpec, LoraSpec, OptimizerSpec, SelfForcingDMD
+from memflow_train.methods import BackboneSpec, LoraSpec, OptimizerSpec, SelfForcingDMD, StreamingLongTuning
 from memflow_train.methods.lora import merge_lora
 from memflow_train.methods.optim import MultiNetworkAdamW
 from memflow_train.methods.self_forcing import NonFiniteLossError
@@ -308,3 +308,24 @@ def test_flow_matching_skipping_stops_after_max_skipped_updates_in_a_row() -> No
     module.flow_matching_loss = lambda *args: torch.tensor(float("nan"))  # every step's loss is non-finite
     with pytest.raises(NonFiniteLossError, match=r"2 steps in a row skipped .* last at step 1 .*lr 1e-05"):
         fit(module, steps=10, latents=True)
+
+
+@pytest.mark.parametrize("method", [SelfForcingDMD, StreamingLongTuning])
+@pytest.mark.parametrize("memory", ["off", "nam", "sma"], ids=str)
+def test_gradient_checkpointing_trains_exactly_like_keeping_activations(method, memory: str) -> None:
+    """Checkpointing recomputes each exit-step chunk in backward, after the rollout moved the cache on: the
+    recomputed attention must read the cache as the forward did (weights equal to keeping activations)."""
+    config = {
+        "off": MemoryConfig(enabled=False),
+        "nam": MemoryConfig(record_interval=1, bank_size=2),
+        "sma": MemoryConfig(record_interval=1, bank_size=2, sma=True, sma_topk=1),
+    }[memory]
+    weights = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = dmd_module(method, memory=config, gradient_checkpointing=checkpointing, num_frames=12)
+        fit(module, steps=4)
+        weights.append({k: v.detach().clone() for k, v in module.generator.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        assert torch.allclose(value, weights[1][key], rtol=0, atol=1e-6), key

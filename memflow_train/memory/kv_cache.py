@@ -14,6 +14,7 @@ At a prompt switch, rewind(...) drops the frames a recache re-encodes (memory/re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -131,12 +132,21 @@ class LayerKVCache:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_start: int, num_frames: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values the chunk's queries q attend to: [sink | memory | window | the chunk itself]."""
+        return self.reader(chunk_start, num_frames)(q, k, v)
+
+    def reader(self, chunk_start: int, num_frames: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """kv_for_attention for this chunk with the cache's state fixed now: read(q, k, v) -> (keys, values).
+
+        A chunk's attention may run again after the cache has moved on (activation checkpointing recomputes
+        it in backward, after the rollout wrote later chunks); its reader still sees what the forward saw.
+        """
         sink_runs, window_runs = self.visible_runs(chunk_start, num_frames)
         keys = [r.k for r in sink_runs]
         values = [r.v for r in sink_runs]
         bank = self.bank
         memory_k = [bank.k] if bank is not None and len(bank) else []
         memory_v = [bank.v] if bank is not None and len(bank) else []
+        candidates = None
         if bank is not None and self.config.sma:
             if self.config.sma_include_sink:  # sink frames compete with bank frames for the top-k
                 memory_k = [r.frames_view(r.k) for r in sink_runs] + memory_k
@@ -145,16 +155,20 @@ class LayerKVCache:
             candidates = self._sma_candidates(sink_runs) if memory_k else None
             if candidates is None and memory_k:
                 candidates = (_cat(memory_k), _cat(memory_v), None)
-            if candidates is not None:
-                mk, mv, _ = select_memory_frames(q, *candidates[:2], self.config.sma_topk, key_means=candidates[2])
-                keys.append(mk)
-                values.append(mv)
         elif memory_k:
             keys.append(bank.k.flatten(2, 3))
             values.append(bank.v.flatten(2, 3))
-        keys += [r.k for r in window_runs] + [k]
-        values += [r.v for r in window_runs] + [v]
-        return _cat(keys), _cat(values)
+        window_k, window_v = [r.k for r in window_runs], [r.v for r in window_runs]
+        topk = self.config.sma_topk
+
+        def read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            selected_k, selected_v = [], []
+            if candidates is not None:
+                mk, mv, _ = select_memory_frames(q, *candidates[:2], topk, key_means=candidates[2])
+                selected_k, selected_v = [mk], [mv]
+            return _cat([*keys, *selected_k, *window_k, k]), _cat([*values, *selected_v, *window_v, v])
+
+        return read
 
     def _sma_candidates(self, sink_runs: list[FrameRun]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """SMA's candidate frames as one tensor (B, H, n, T, D) with their mean keys, kept between calls.

@@ -157,6 +157,8 @@ def _per_frame(x: torch.Tensor, frames: int, fn: Callable[[torch.Tensor], torch.
 class CausalWanBlock(torch.nn.Module):
     """One Wan block (same submodules as diffusers' WanTransformerBlock) with per-frame modulation."""
 
+    _sharded_entry_points = ("text_kv",)  # called outside forward: parameter sharding gathers for it too
+
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, cross_attn_norm: bool, eps: float) -> None:
         super().__init__()
         head_dim = dim // num_heads
@@ -233,6 +235,9 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
     _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
     _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm"]
     _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
+    # Called outside forward (text is encoded once per prompt): parameter sharding (FSDP2) gathers for them too.
+    # None of them calls another, nor is one called inside forward (they share _encode_text).
+    _sharded_entry_points = ("encode_text", "encode_text_slots", "encode_prompts")
 
     @register_to_config
     def __init__(
@@ -291,6 +296,9 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
 
     def encode_text(self, text_states: torch.Tensor, mask: torch.Tensor | None = None) -> TextContext:
         """Per-layer cross-attention K/V of text encoder states (B, L, text_dim): compute once per prompt."""
+        return self._encode_text(text_states, mask)
+
+    def _encode_text(self, text_states: torch.Tensor, mask: torch.Tensor | None) -> TextContext:
         context = self.condition_embedder.text_embedder(text_states)
         kv = [block.text_kv(context) for block in self.blocks]
         return TextContext([k for k, _ in kv], [v for _, v in kv], mask)
@@ -300,15 +308,18 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         mask (B, P, L), in ONE forward whatever P is (under parameter sharding every rank must run the same
         forwards, and ranks' batches may hold different numbers of prompts): one TextContext per slot."""
         b, p = text_states.shape[:2]
-        flat = self.encode_text(text_states.flatten(0, 1), mask.flatten(0, 1))
+        flat = self._encode_text(text_states.flatten(0, 1), mask.flatten(0, 1))
         keys = [k.unflatten(0, (b, p)) for k in flat.keys]
         values = [v.unflatten(0, (b, p)) for v in flat.values]
         return [TextContext([k[:, i] for k in keys], [v[:, i] for v in values], mask[:, i]) for i in range(p)]
 
     def encode_prompts(self, prompts: FramePrompts) -> PromptTrack:
         """Per-layer cross-attention K/V of every prompt slot, and each frame's slot."""
+        return self._encode_prompts(prompts)
+
+    def _encode_prompts(self, prompts: FramePrompts) -> PromptTrack:
         b, p = prompts.embeds.shape[:2]
-        flat = self.encode_text(prompts.embeds.flatten(0, 1), prompts.mask.flatten(0, 1))
+        flat = self._encode_text(prompts.embeds.flatten(0, 1), prompts.mask.flatten(0, 1))
         keys = [k.unflatten(0, (b, p)) for k in flat.keys]
         return PromptTrack(keys, [v.unflatten(0, (b, p)) for v in flat.values], prompts.frame_prompt)
 
@@ -316,8 +327,8 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         if isinstance(text, TextContext | PromptTrack):
             return text
         if isinstance(text, FramePrompts):
-            return self.encode_prompts(text)
-        return self.encode_text(text)
+            return self._encode_prompts(text)
+        return self._encode_text(text, None)
 
     def _time_embedding(self, timestep: torch.Tensor, batch: int, frames: int, dtype: torch.dtype):
         """Per-frame temb (B, F, D) and block modulation (B, F, 6, D) from timesteps (B,) or (B, F)."""
@@ -476,8 +487,10 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         cache.prepare(offset, frames, [text.layer(i) for i in range(len(self.blocks))])
 
         def make_attend(i: int, f: int, tpf: int) -> SelfAttend:
+            read = cache[i].reader(offset, frames)  # the cache as it is now, also when checkpointing recomputes
+
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return attn(q, *cache[i].kv_for_attention(q, k, v, offset, frames))
+                return attn(q, *read(q, k, v))
 
             return attend
 
