@@ -7,14 +7,14 @@ from contextlib import contextmanager
 
 import torch
 
-from memflow_train.strategies.zero import full_parameters
+from memflow_train.strategies.zero import assign_full, full_parameters, full_value
 
 
 class ParameterEMA:
     """shadow <- decay * shadow + (1 - decay) * param after each update from start_update on.
 
     The shadow starts as a copy at the first update >= start_update (Self-Forcing's EMA_FSDP). It
-    is a full fp32 copy on every rank (parameters partitioned by ZeRO-3 are gathered to update it),
+    is a full fp32 copy on every rank (parameters partitioned by ZeRO-3 or FSDP2 are gathered to update it),
     so rank 0 saves it whole in checkpoints.
     """
 
@@ -32,10 +32,10 @@ class ParameterEMA:
         params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         with full_parameters(list(params.values())):
             if not self.shadow:
-                self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+                self.shadow = {n: full_value(p.detach()).float().clone() for n, p in params.items()}
                 return
             for name, p in params.items():
-                self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+                self.shadow[name].lerp_(full_value(p.detach()).float(), 1.0 - self.decay)
 
     @contextmanager
     def swapped_in(self, module: torch.nn.Module) -> Iterator[None]:
@@ -48,7 +48,7 @@ class ParameterEMA:
         with full_parameters(targets, modify=True), torch.no_grad():
             live = {n: params[n].detach().clone() for n in self.shadow}
             for n, t in self.shadow.items():
-                params[n].copy_(t)
+                assign_full(params[n], t)
         try:
             yield
         finally:

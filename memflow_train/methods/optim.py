@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -61,7 +62,8 @@ class MultiNetworkAdamW(torch.optim.AdamW):
         if not grads:
             return torch.zeros(())
         if self.grad_norm_group is None:
-            return torch.nn.utils.get_total_norm(grads)
+            norm = torch.nn.utils.get_total_norm(grads)
+            return norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP2: the whole network's norm
         squared = torch.nn.utils.get_total_norm(grads).double() ** 2
         dist.all_reduce(squared, group=self.grad_norm_group)
         return squared.sqrt().float()

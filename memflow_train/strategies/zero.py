@@ -1,4 +1,4 @@
-"""Reading and writing parameters that ZeRO-3 partitions across ranks."""
+"""Reading and writing parameters that ZeRO-3 or FSDP2 partition across ranks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -27,6 +28,19 @@ def full_parameters(params: list[torch.Tensor], modify: bool = False) -> Iterato
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None):
         yield
+
+
+def full_value(param: torch.Tensor) -> torch.Tensor:
+    """The whole value of a parameter (an FSDP2 DTensor is all-gathered: every rank must call this); plain
+    tensors (and ZeRO-3 parameters inside full_parameters) come back as they are."""
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
+def assign_full(param: torch.Tensor, value: torch.Tensor) -> None:
+    """param <- value, a whole tensor equal on every rank (an FSDP2 DTensor keeps its own shard of it)."""
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(value)
 
 
 def shards_parameters(strategy: object) -> bool:

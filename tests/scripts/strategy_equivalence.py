@@ -1,8 +1,9 @@
-"""Train the demo DMD for N steps on fixed global batches: single process, DDP, or DeepSpeed ZeRO-2/3 on 2 CPU ranks.
+"""Train the demo DMD for N steps on fixed global batches: one process, or DDP, DeepSpeed ZeRO-2/3 or FSDP2 on 2 CPU ranks.
 
-Run by tests/test_deepspeed.py. Every rank trains on its slice of the same global batches (rank r: sample r of
+Run by tests/test_sharded_training.py. Every rank trains on its slice of the same global batches (rank r: sample r of
 each 2-sample batch); the single process trains on the whole batches. Per-sample noise makes the draws equal.
-usage: python tests/scripts/zero_equivalence.py MODE BATCHES_FILE OUT_FILE STEPS   (MODE: single, ddp, zero2, zero3)
+usage: python tests/scripts/strategy_equivalence.py MODE BATCHES_FILE OUT_FILE STEPS
+(MODE: single, ddp, zero2, zero3, fsdp2, fsdp2_bf16: FSDP2 with bf16 compute and activation checkpointing)
 writes OUT_FILE (rank 0): the generator's and the critic's full state dicts and the generator's EMA after training,
 and a checkpoint after the last step under ckpt_MODE/ beside it (a file, or a DeepSpeed directory).
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from torch.distributed.tensor import DTensor
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -27,6 +29,9 @@ STRATEGY = {
     "ddp": ["--trainer.devices=2", "--trainer.strategy=ddp_find_unused_parameters_true"],
     "zero2": ["--trainer.devices=2", "--trainer.strategy=memflow_train.strategies.MemflowDeepSpeedStrategy", "--trainer.strategy.stage=2"],
     "zero3": ["--trainer.devices=2", "--trainer.strategy=memflow_train.strategies.MemflowDeepSpeedStrategy", "--trainer.strategy.stage=3"],
+    "fsdp2": ["--trainer.devices=2", "--trainer.strategy=memflow_train.strategies.MemflowFSDP2Strategy", "--trainer.strategy.mixed_precision=false"],
+    "fsdp2_bf16": ["--trainer.devices=2", "--trainer.strategy=memflow_train.strategies.MemflowFSDP2Strategy",
+                   "--trainer.strategy.mixed_precision=true", "--model.init_args.gradient_checkpointing=true"],
 }  # fmt: skip
 
 
@@ -43,7 +48,12 @@ def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
         with deepspeed.zero.GatheredParameters(params):
             return {k: v.detach().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {k: full_tensor(v) for k, v in module.state_dict().items()}
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A whole tensor (FSDP2 parameters are DTensor shards)."""
+    return (value.full_tensor() if isinstance(value, DTensor) else value).detach().clone()
 
 
 def main(mode: str, batches_file: str, out_file: str, steps: str) -> None:
@@ -70,7 +80,7 @@ def main(mode: str, batches_file: str, out_file: str, steps: str) -> None:
     states = {
         "generator": full_state(cli.model.generator),
         "critic": full_state(cli.model.critic),
-        "generator_ema": dict(cli.model.ema.shadow),
+        "generator_ema": {k: full_tensor(v) for k, v in cli.model.ema.shadow.items()},
     }
     if cli.trainer.global_rank == 0:
         torch.save(states, out_file)
