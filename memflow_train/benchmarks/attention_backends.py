@@ -1,5 +1,5 @@
 """Attention kernels side by side on the streaming chunk attention: SDPA, compiled FlexAttention, and
-FlashAttention 2 where flash-attn is installed (CUDA).
+FlashAttention 2 where flash-attn is installed (CUDA); "sdpa_flash" (SDPA with its flash kernel forced) on request.
 
 One call = one layer's self-attention of a chunk: queries of frames_per_chunk frames against the keys
 the cache assembles (no mask: they are exactly the visible keys), e.g. 12 frames memory-free or with
@@ -12,16 +12,57 @@ seeded order. "first call" is the first call's time: compilation for flex.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
+import shutil
 import time
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from memflow_train.benchmarks.common import add_measurement_args, check_counts, latent_grid, publish, summarize, sync
 from memflow_train.errors import run_command
 from memflow_train.models import fused_attention
-from memflow_train.models.attention import get_attention_backend
+from memflow_train.models.attention import get_attention_backend, register_attention_backend
 from memflow_train.models.presets import wan_config
+
+
+def sdpa_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA with its FlashAttention kernel forced: an error, not a silent fallback, where that kernel cannot run."""
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+register_attention_backend("sdpa_flash", sdpa_flash_attention)
+
+
+def backend_status(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> dict[str, str | None]:
+    """Every attention backend this benchmark knows -> None where it can run on device in dtype, else why not.
+
+    sdpa_flash is probed with one small call (cheap); flex and flash are judged by what they need (compiling
+    flex to probe it costs seconds to minutes): flex a compiler for torch.compile (triton on CUDA, a C++
+    compiler on CPU), flash the flash-attn package, CUDA and fp16/bf16."""
+    status: dict[str, str | None] = {"sdpa": None}
+    q = torch.zeros(1, heads, 16, head_dim, device=device, dtype=dtype)
+    try:
+        sdpa_flash_attention(q, q, q)
+        status["sdpa_flash"] = None
+    except RuntimeError as err:
+        status["sdpa_flash"] = f"SDPA's flash kernel refuses {dtype} on {device.type}: {str(err).splitlines()[0]}"
+    if device.type == "cuda":
+        status["flex"] = None if importlib.util.find_spec("triton") else "torch.compile needs triton on CUDA"
+    else:
+        compilers = ("g++", "clang++", "c++")
+        found = any(shutil.which(c) for c in compilers)
+        status["flex"] = None if found else f"torch.compile on CPU needs a C++ compiler ({', '.join(compilers)})"
+    if not fused_attention.FLASH_AVAILABLE:
+        status["flash"] = "the flash-attn package is not installed"
+    elif device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        status["flash"] = f"flash-attn runs on CUDA in float16/bfloat16, not {dtype} on {device.type}"
+    else:
+        status["flash"] = None
+    return status
 
 
 def _timed(fn, *args) -> tuple[torch.Tensor, float]:  # noqa: ANN001

@@ -6,15 +6,32 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from collections.abc import Callable
+
+import torch
 
 from memflow_train.checks import whole
 from memflow_train.generation.pipeline import synchronize as sync
+from memflow_train.models.causal_wan import CausalWanTransformer, cast_keeping_fp32
 from memflow_train.models.presets import wan_config
 
-__all__ = ["VAE_STRIDE", "add_measurement_args", "check_counts", "latent_grid", "publish", "summarize", "sync"]
+__all__ = [
+    "VAE_STRIDE",
+    "VAE_TEMPORAL_STRIDE",
+    "add_measurement_args",
+    "build_backbone",
+    "check_counts",
+    "error_text",
+    "latent_grid",
+    "publish",
+    "repeat_within",
+    "summarize",
+    "sync",
+]
 
 VAE_STRIDE = 8  # Wan's VAE: pixels per latent pixel
+VAE_TEMPORAL_STRIDE = 4  # Wan's VAE: video frames per latent frame (the first latent frame decodes to 1)
 
 
 def add_measurement_args(parser: argparse.ArgumentParser, repeats: int) -> None:
@@ -53,6 +70,34 @@ def latent_grid(preset: str, height: int, width: int) -> tuple[int, int]:
 
 def summarize(seconds: list[float], statistic: str) -> float:
     return statistics.median(seconds) if statistic == "median" else min(seconds)
+
+
+def repeat_within(deadline: float, max_repeats: int, once: Callable[[int], None]) -> int:
+    """once(r) for r = 0, 1, ... up to max_repeats, stopping before a repeat that would end past deadline (a
+    time.perf_counter() value) if it took as long as the previous one; the first always runs. Returns how many ran."""
+    last = 0.0
+    for r in range(max_repeats):
+        start = time.perf_counter()
+        if r and start + last > deadline:
+            return r
+        once(r)
+        last = time.perf_counter() - start
+    return max_repeats
+
+
+def build_backbone(preset: str, seed: int, device: torch.device, dtype: torch.dtype) -> CausalWanTransformer:
+    """The preset's whole network in eval mode, weights seeded by seed, built on device and cast to dtype (norms,
+    time embedder and modulation tables stay fp32, as Wan keeps them)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = CausalWanTransformer(**wan_config(preset))
+    return cast_keeping_fp32(model, dtype).eval()
+
+
+def error_text(err: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def publish(

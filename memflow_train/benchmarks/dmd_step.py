@@ -29,6 +29,7 @@ from memflow_train.benchmarks.common import add_measurement_args, check_counts, 
 from memflow_train.benchmarks.memory_overhead import VARIANTS
 from memflow_train.benchmarks.tensor_memory import PeakTensorMemory
 from memflow_train.errors import run_command
+from memflow_train.memory.config import CHOICES as MEMORY_CHOICES
 from memflow_train.methods import BackboneSpec, OptimizerSpec, SelfForcingDMD
 from memflow_train.models.presets import wan_config
 
@@ -79,11 +80,18 @@ class StepMeter(L.Callback):
         self.seconds = time.perf_counter() - self._start
         self._memory.__exit__(None, None, None)
         self.peak_bytes = self._memory.peak_bytes
+        self._memory = None
+
+    def on_exception(self, trainer, module, exception) -> None:  # noqa: ANN001
+        """A step that raised leaves no counting mode behind (on CPU it would count, and slow, all later work)."""
+        if self._memory is not None:
+            self._memory.__exit__(type(exception), exception, exception.__traceback__)
+            self._memory = None
 
 
 def build_module(args: argparse.Namespace, variant: str) -> SelfForcingDMD:
     net = BackboneSpec(preset=args.preset, config={"num_layers": args.num_layers}, dtype=args.dtype)
-    memory = replace(VARIANTS[variant], record_interval=args.record_interval)
+    memory = replace(VARIANTS[variant], record_interval=args.record_interval, record_cadence=args.record_cadence)
     return SelfForcingDMD(
         generator=net,
         teacher=net,
@@ -97,8 +105,9 @@ def build_module(args: argparse.Namespace, variant: str) -> SelfForcingDMD:
     )
 
 
-def step(module: SelfForcingDMD, batch: PromptBatch, device: torch.device) -> StepMeter:
-    meter = StepMeter(device)
+def step(module: SelfForcingDMD, batch: PromptBatch, device: torch.device, meter: StepMeter | None = None) -> StepMeter:
+    """One training step of a fresh Trainer (global step 0: generator + critic), measured by meter."""
+    meter = meter if meter is not None else StepMeter(device)
     trainer = L.Trainer(
         max_steps=1,
         accelerator=device.type,
@@ -197,6 +206,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--prompt-tokens", type=int, default=120, help="real tokens of the random prompt")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--record-interval", type=int, default=3, help="NAM: a candidate every this many chunks")
+    p.add_argument(
+        "--record-cadence",
+        default="interval",
+        choices=MEMORY_CHOICES["record_cadence"],
+        help="NAM: 'every_chunk' is MemFlow's stage-1 cadence (memflow_train.memory.MemoryConfig)",
+    )
     p.add_argument("--variants", nargs="+", default=["off", "nam", "nam_sma"], choices=list(VARIANTS))
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
