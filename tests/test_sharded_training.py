@@ -77,6 +77,10 @@ def test_two_ranks_train_like_one_process(mode: str, single: Path, batches: Path
         assert reference[net].keys() == ranks[net].keys()
         for key, value in reference[net].items():
             assert (value - ranks[net][key]).abs().max() <= 1e-5, f"{mode} {net}.{key}"
+    # Each network is clipped by the norm of its whole gradient (clipping engages at every step in these runs).
+    assert reference["grad_norms"].keys() == ranks["grad_norms"].keys() and reference["grad_norms"]
+    for net, norm in reference["grad_norms"].items():
+        assert norm > 0.01 and ranks["grad_norms"][net] == pytest.approx(norm, rel=1e-5), net
     moved = max((reference["generator"][k] - reference["generator_ema"][k]).abs().max() for k in reference["generator"])
     assert moved > 1e-6  # the EMA lags the generator: both really trained
     if mode == "ddp":

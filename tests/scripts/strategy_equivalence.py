@@ -4,7 +4,8 @@ Run by tests/test_sharded_training.py. Every rank trains on its slice of the sam
 each 2-sample batch); the single process trains on the whole batches. Per-sample noise makes the draws equal.
 usage: python tests/scripts/strategy_equivalence.py MODE BATCHES_FILE OUT_FILE STEPS
 (MODE: single, ddp, zero2, zero3, fsdp2, fsdp2_bf16: FSDP2 with bf16 compute and activation checkpointing)
-writes OUT_FILE (rank 0): the generator's and the critic's full state dicts and the generator's EMA after training,
+writes OUT_FILE (rank 0): the generator's and the critic's full state dicts, the generator's EMA and the networks'
+last gradient norms (before clipping) after training,
 and a checkpoint after the last step under ckpt_MODE/ beside it (a file, or a DeepSpeed directory).
 """
 
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from memflow_train.cli import MemflowCLI  # noqa: E402
+from memflow_train.methods.optim import find_multi_network_optimizer  # noqa: E402
 
 STRATEGY = {
     "single": ["--trainer.devices=1"],
@@ -72,6 +74,9 @@ def main(mode: str, batches_file: str, out_file: str, steps: str) -> None:
             f"--trainer.callbacks=[{json.dumps(checkpoint)}]", "--trainer.use_distributed_sampler=false",
             "--trainer.limit_val_batches=0",
             "--model.init_args.gen_update_ratio=2", "--model.init_args.ema_start_step=2",
+            # clipping at every step (the gradient norms are about 0.1-1 here): each network must be clipped by
+            # the norm of its whole gradient, however the strategy splits it
+            "--model.init_args.generator_optimizer.grad_clip=0.01", "--model.init_args.critic_optimizer.grad_clip=0.01",
         ],
         run=False,
     )  # fmt: skip
@@ -81,6 +86,7 @@ def main(mode: str, batches_file: str, out_file: str, steps: str) -> None:
         "generator": full_state(cli.model.generator),
         "critic": full_state(cli.model.critic),
         "generator_ema": {k: full_tensor(v) for k, v in cli.model.ema.shadow.items()},
+        "grad_norms": {k: float(v) for k, v in find_multi_network_optimizer(cli.model.optimizers()).grad_norms.items()},
     }
     if cli.trainer.global_rank == 0:
         torch.save(states, out_file)
