@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2/3, FSDP2 (and DDP) on 2 CPU ranks: the same training as one process, exact resume, export.
+"""DeepSpeed ZeRO-2/3, FSDP2 (and DDP) on 2 CPU ranks: the same training as one process, and export.
 
 Tolerance of the multi-process runs against the single process: 1e-5 absolute on every weight after
 10 steps (lr 1e-4, fp32). The ranks compute the same per-sample losses as the single process (noise
@@ -9,10 +9,6 @@ weights agree to fp32 round-off (3.4e-7 measured; FSDP2 8.5e-7), not bit for bit
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,25 +17,16 @@ import torch
 from memflow_train.cli import MemflowCLI
 from memflow_train.export import export
 from memflow_train.models.loading import load_transformer
+from tests.sharded_helpers import REPO, SCRIPTS, script_env
+from tests.sharded_helpers import run_script as _run
 from tests.wan_helpers import tiny_inputs
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO / "tests" / "scripts"
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "MEMFLOW_TRAIN_CACHE": os.environ.get("MEMFLOW_TRAIN_CACHE", str(tmp_path_factory.mktemp("demo_cache"))),
-    }
-
-
-def _run(args: list[str], env: dict[str, str], cwd: Path) -> None:
-    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-6000:]
+    return script_env(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -119,23 +106,3 @@ def test_fsdp2_mixed_precision_with_checkpointing_keeps_fp32_masters(
             assert value.dtype == torch.float32, f"{net}.{key}"
             assert torch.isfinite(value).all()
             assert (value - reference[net][key]).abs().max() <= 5e-3, f"{net}.{key}"
-
-
-@pytest.mark.parametrize(
-    ("stage", "config"),
-    [("2", "demo.yaml"), ("3", "demo_long.yaml"), ("fsdp2", "demo_long.yaml"), ("fsdp2", "demo_finetune.yaml")],
-)
-def test_resume_continues_every_rank_exactly(stage: str, config: str, env, tmp_path: Path) -> None:
-    cfg = str(REPO / "configs" / config)
-    script = str(SCRIPTS / "strategy_resume.py")
-    _run([script, stage, cfg, str(tmp_path / "whole"), "8", "100"], env, tmp_path)
-    _run([script, stage, cfg, str(tmp_path / "split"), "4", "4"], env, tmp_path)
-    ckpt = tmp_path / "split" / "ckpt" / "epoch=0-step=4.ckpt"
-    assert ckpt.is_file() if stage == "fsdp2" else ckpt.is_dir()
-    _run([script, stage, cfg, str(tmp_path / "split"), "8", "100", str(ckpt)], env, tmp_path)
-    for rank in (0, 1):
-        whole = json.loads((tmp_path / "whole" / f"losses_rank{rank}.json").read_text())
-        first = json.loads((tmp_path / "split" / f"losses_rank{rank}.json").read_text())
-        rest = json.loads((tmp_path / "split" / f"losses_resumed_rank{rank}.json").read_text())
-        assert [s["step"] for s in rest] == [4, 5, 6, 7]
-        assert first + rest == whole, f"rank {rank}"

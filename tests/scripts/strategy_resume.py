@@ -1,6 +1,6 @@
 """A demo config on 2 CPU ranks under DeepSpeed ZeRO (or DDP, FSDP2), checkpointing every K steps, optionally resumed.
 
-Run by tests/test_sharded_training.py. usage: python tests/scripts/strategy_resume.py STAGE CONFIG OUT_DIR STEPS EVERY [CKPT]
+Run by tests/test_sharded_resume.py. usage: python tests/scripts/strategy_resume.py STAGE CONFIG OUT_DIR STEPS EVERY [CKPT]
 (STAGE: 2, 3, ddp or fsdp2). Writes OUT_DIR/losses_rank{R}.json: per step, each network's loss on that rank.
 """
 
