@@ -41,10 +41,8 @@ def test_tiny_mode_runs_every_section(tmp_path: Path) -> None:
     d = sections["dmd"]
     assert finite(d["seconds_per_step"], d["peak_gib"]) and d["seconds_per_step"] > 0 and d["peak_gib"] > 0
     assert d["gradient_checkpointing"] and len(d["steps"][0]["exit_steps"]) == 7  # 21 frames: 7 chunks
-    planner = d["planner"]  # the planner's estimate, or why there is none
-    assert finite(planner.get("estimate_gib"), planner.get("measured_over_estimate")) or planner[
-        "unavailable"
-    ].startswith("planner unavailable: ")
+    planner = d["planner"]  # the memory planner's estimate of the same step (tests/test_plan.py checks its bound)
+    assert finite(planner["estimate_gib"], planner["measured_over_estimate"]) and planner["estimate_gib"] > 0
 
     f = sections["fps"]
     measured = {(r["variant"], r["backend"]): r for r in f["rows"] if r.get("fps")}

@@ -155,7 +155,7 @@ class ResidentStepMeter(dmd_step.StepMeter):
         super().on_train_batch_start(trainer, module, batch, batch_idx)
 
 
-def planner_estimate(module: torch.nn.Module) -> dict:
+def planner_estimate(module: torch.nn.Module, batch: object) -> dict:
     """memflow_train.plan's per-GPU estimate of module on one GPU: {"estimate_gib": ...}; {"unavailable": why}
     where there is no planner (not a failure); {"error": why} where the planner fails (a failure)."""
     try:
@@ -165,7 +165,9 @@ def planner_estimate(module: torch.nn.Module) -> dict:
             return {"unavailable": f"planner unavailable: {error_text(err)}"}
         return {"error": f"planner failed: {error_text(err)}"}  # the planner imports something missing
     try:
-        return {"estimate_gib": int(plan_module(module, gpus=1, strategy=None).per_gpu_bytes) / GIB}
+        # The measured step is a fresh module's first: plan that step, not a run's steady state.
+        plan = plan_module(module, gpus=1, strategy=None, batch=batch, steady_state=False)
+        return {"estimate_gib": int(plan.per_gpu_bytes) / GIB}
     except Exception as err:  # noqa: BLE001 (recorded; the measurement stands)
         return {"error": f"planner failed: {error_text(err)}"}
 
@@ -204,7 +206,7 @@ def dmd_section(args: argparse.Namespace, device: torch.device, deadline: float)
             }
         )
         if r == 0:
-            planner.update(planner_estimate(module))
+            planner.update(planner_estimate(module, batch))
 
     repeats = repeat_within(deadline, args.dmd_max_repeats, once)
     peak = max(s["peak_gib"] for s in steps)
