@@ -91,18 +91,3 @@ def test_two_ranks_train_like_one_process(mode: str, single: Path, batches: Path
     reference_model.load_state_dict(ranks["generator"])
     with torch.no_grad():
         assert torch.equal(live(x, t, text), reference_model(x, t, text))
-
-
-def test_fsdp2_mixed_precision_with_checkpointing_keeps_fp32_masters(
-    single: Path, batches: Path, env, tmp_path
-) -> None:
-    """bf16 compute, fp32 master weights and reduction, activation checkpointing per block: the weights stay fp32
-    and differ from the fp32 run by bf16 round-off of the updates (1e-3 measured after 10 steps at lr 1e-4)."""
-    out = tmp_path / "bf16.pt"
-    _run([str(SCRIPTS / "strategy_equivalence.py"), "fsdp2_bf16", str(batches), str(out), "10"], env, tmp_path)
-    reference, ranks = torch.load(single, weights_only=True), torch.load(out, weights_only=True)
-    for net in ("generator", "critic", "generator_ema"):
-        for key, value in ranks[net].items():
-            assert value.dtype == torch.float32, f"{net}.{key}"
-            assert torch.isfinite(value).all()
-            assert (value - reference[net][key]).abs().max() <= 5e-3, f"{net}.{key}"

@@ -2,8 +2,8 @@
 
 Run by tests/test_sharded_training.py. Every rank trains on its slice of the same global batches (rank r: sample r of
 each 2-sample batch); the single process trains on the whole batches. Per-sample noise makes the draws equal.
-usage: python tests/scripts/strategy_equivalence.py MODE BATCHES_FILE OUT_FILE STEPS
-(MODE: single, ddp, zero2, zero3, fsdp2, fsdp2_bf16: FSDP2 with bf16 compute and activation checkpointing)
+usage: python tests/scripts/strategy_equivalence.py MODE BATCHES_FILE OUT_FILE STEPS (MODE: single, ddp, zero2,
+zero3, fsdp2)
 writes OUT_FILE (rank 0): the generator's and the critic's full state dicts, the generator's EMA and the networks'
 last gradient norms (before clipping) after training,
 and a checkpoint after the last step under ckpt_MODE/ beside it (a file, or a DeepSpeed directory).
@@ -32,8 +32,6 @@ STRATEGY = {
     "zero2": ["--trainer.devices=2", "--trainer.strategy=memflow_train.strategies.MemflowDeepSpeedStrategy", "--trainer.strategy.stage=2"],
     "zero3": ["--trainer.devices=2", "--trainer.strategy=memflow_train.strategies.MemflowDeepSpeedStrategy", "--trainer.strategy.stage=3"],
     "fsdp2": ["--trainer.devices=2", "--trainer.strategy=memflow_train.strategies.MemflowFSDP2Strategy", "--trainer.strategy.mixed_precision=false"],
-    "fsdp2_bf16": ["--trainer.devices=2", "--trainer.strategy=memflow_train.strategies.MemflowFSDP2Strategy",
-                   "--trainer.strategy.mixed_precision=true", "--model.init_args.gradient_checkpointing=true"],
 }  # fmt: skip
 
 

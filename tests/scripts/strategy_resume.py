@@ -1,7 +1,7 @@
 """A demo config on 2 CPU ranks under DeepSpeed ZeRO (or DDP, FSDP2), checkpointing every K steps, optionally resumed.
 
 Run by tests/test_sharded_resume.py. usage: python tests/scripts/strategy_resume.py STAGE CONFIG OUT_DIR STEPS EVERY [CKPT]
-(STAGE: 2, 3, ddp or fsdp2). Writes OUT_DIR/losses_rank{R}.json: per step, each network's loss on that rank.
+(STAGE: 2, 3, ddp, fsdp2, or fsdp2_bf16: FSDP2 with bf16 compute and activation checkpointing). Writes OUT_DIR/losses_rank{R}.json: per step, each network's loss on that rank.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ def main(stage: str, config: str, out_dir: str, steps: str, every: str, ckpt: st
         "fsdp2": [
             "--trainer.strategy=memflow_train.strategies.MemflowFSDP2Strategy",
             "--trainer.strategy.mixed_precision=false",
+        ],
+        "fsdp2_bf16": [  # bf16 compute and activation checkpointing
+            "--trainer.strategy=memflow_train.strategies.MemflowFSDP2Strategy",
+            "--trainer.strategy.mixed_precision=true",
+            "--model.init_args.gradient_checkpointing=true",
         ],
     }.get(
         stage,
