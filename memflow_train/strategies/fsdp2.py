@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -113,10 +112,6 @@ class MemflowFSDP2Strategy(ModelParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
-
-    def barrier(self, name: str | None = None) -> None:
-        if _distributed_is_initialized():
-            super().barrier(name)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Resume from a full checkpoint file: frozen parameters, and only those, may be absent from it."""
