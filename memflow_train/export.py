@@ -7,13 +7,15 @@ started yet, an error with --ema), gets its frozen weights back from the recorde
 adapters merged.
 OUTPUT is a diffusers folder (config.json + safetensors: loads with load_transformer, our configs'
 `weights:`, and diffusers' WanTransformer3DModel.from_pretrained) or one .safetensors file carrying
-its architecture in the metadata.
+its architecture in the metadata. A network that predicts the clean sample (prediction_type "sample")
+exports with a warning for diffusers folders: diffusers' own pipelines would read its output as a flow.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -38,6 +40,13 @@ def export(
     model = load_trained_network(checkpoint, network, ema=ema, dtype=torch_dtype(dtype), trust=trust)
     output = Path(output)
     if fmt == "diffusers":
+        if model.config.prediction_type != "flow_prediction":
+            warnings.warn(
+                f"{checkpoint}: the network predicts prediction_type {model.config.prediction_type!r}; memflow_train "
+                "loads the folder as such, but diffusers' WanTransformer3DModel ignores that key and its pipelines "
+                "would read the output as a flow",
+                stacklevel=2,
+            )
         model.save_pretrained(output)
     elif fmt == "safetensors":
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -114,3 +114,32 @@ def test_bad_inputs_raise_clear_errors(pair) -> None:
         ours(torch.randn(4, 4, 6), t, text)
     with pytest.raises(NotImplementedError, match="text-to-video"):
         CausalWanTransformer(**wan_config("tiny", image_dim=8))
+
+
+@torch.no_grad()
+def test_sample_prediction_returns_the_flow_of_diffusers_output_as_x0(pair) -> None:
+    """prediction_type "sample": the network's output (diffusers' forward, same weights) is x0, and the forward
+    returns the flow (x_t - x0) / sigma, sigma = t / 1000 floored at sample_sigma_floor; per-frame timesteps too."""
+    ref, _ = pair
+    ours = CausalWanTransformer(**wan_config("tiny", prediction_type="sample", sample_sigma_floor=0.1)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, _, text = tiny_inputs(batch=3, frames=4)
+    t = torch.tensor([999.0, 400.0, 30.0])
+    x0 = ref(x, t, text, return_dict=False)[0]
+    sigma = torch.tensor([0.999, 0.4, 0.1])[:, None, None, None, None]  # 30 / 1000 is under the floor
+    assert torch.allclose(ours(x, t, text), (x - x0) / sigma, atol=1e-5)
+    assert torch.allclose(x[:2] - sigma[:2] * ours(x, t, text)[:2], x0[:2], atol=1e-5)  # x0 back above the floor
+    per_frame = torch.tensor([[999.0, 500.0, 250.0, 125.0]]).expand(3, 4)
+    tokens = x.shape[-2] * x.shape[-1] // 4
+    x0 = ref(x, per_frame.repeat_interleave(tokens, dim=1), text, return_dict=False)[0]
+    sigma = (per_frame / 1000)[:, None, :, None, None]
+    assert torch.allclose(ours(x, per_frame, text), (x - x0) / sigma, atol=1e-5)
+
+
+def test_prediction_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        CausalWanTransformer(**wan_config("tiny", prediction_type="epsilon"))
+    with pytest.raises(ValueError, match="sample_sigma_floor"):
+        CausalWanTransformer(**wan_config("tiny", sample_sigma_floor=0.0))
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        CausalWanTransformer(**wan_config("tiny", num_train_timesteps=0))

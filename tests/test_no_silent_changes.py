@@ -356,6 +356,27 @@ def test_export_takes_its_format_from_a_safetensors_name(tmp_path: Path) -> None
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y").exists()
 
 
+def test_export_of_a_sample_predicting_network_warns_for_diffusers_and_round_trips(tmp_path: Path) -> None:
+    """diffusers' WanTransformer3DModel drops prediction_type: its pipelines would read x0 as a flow. Our loader
+    keeps it (the folder's and the single file's config), so the exported network returns the same flow."""
+    from memflow_train.methods.specs import BackboneSpec
+    from tests.method_helpers import dmd_module, fit
+
+    spec = BackboneSpec(config={"prediction_type": "sample"})
+    trainer = fit(dmd_module(generator=spec, teacher=spec), steps=1)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    with pytest.warns(UserWarning, match="predicts prediction_type 'sample'.*read the output as a flow"):
+        export_main([str(tmp_path / "last.ckpt"), str(tmp_path / "folder"), "--live-weights"])
+    export_main([str(tmp_path / "last.ckpt"), str(tmp_path / "one.safetensors"), "--live-weights"])
+    x, t, text = torch.randn(1, 4, 3, 4, 4), torch.tensor([300.0]), torch.randn(1, 5, 16)
+    with torch.no_grad():
+        flows = [load_transformer(tmp_path / name).eval()(x, t, text) for name in ("folder", "one.safetensors")]
+    assert load_transformer(tmp_path / "folder").config["prediction_type"] == "sample"
+    with torch.no_grad():
+        trained = trainer.lightning_module.generator.eval()(x, t, text)
+        assert torch.equal(flows[0], trained) and torch.equal(flows[1], trained)
+
+
 # ----------------------------------------------------------------------------------- training methods
 
 

@@ -13,6 +13,10 @@ patterns over the same weights:
 Full-sequence forwards take one prompt per sample, or several with the prompt of every frame
 (`FramePrompts`: a narrative whose prompt switches inside the sequence); each frame's queries
 cross-attend to its own prompt.
+
+Every forward returns the flow. With prediction_type "sample" the network predicts the clean
+latents and the forward converts them (JiT's x-prediction: a network narrower than its tokens
+cannot reproduce their noise, which a flow prediction must carry).
 """
 
 from __future__ import annotations
@@ -30,12 +34,16 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTimeTextImageEmbedding
 from torch.utils.checkpoint import checkpoint
 
+from memflow_train.checks import number, whole
 from memflow_train.memory.config import MemoryConfig
 from memflow_train.memory.kv_cache import StreamingKVCache
 from memflow_train.memory.relevance import TextKeys
 from memflow_train.memory.window import AttentionWindow
 from memflow_train.models.attention import get_attention_backend, sdpa_attention
 from memflow_train.models.rope import WanRope3D, apply_rotary
+
+# What the network's output is: the flow (Wan) or the clean sample x0 (forward converts it to the flow).
+PREDICTION_TYPES = ("flow_prediction", "sample")
 
 # attend(q, k, v) -> out for the current call's self-attention, heads-first tensors.
 SelfAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -258,8 +266,15 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         added_kv_proj_dim: int | None = None,
         rope_max_seq_len: int = 1024,
         pos_embed_seq_len: int | None = None,
+        prediction_type: str = "flow_prediction",
+        num_train_timesteps: int = 1000,
+        sample_sigma_floor: float = 0.05,
     ) -> None:
         super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        whole("num_train_timesteps", num_train_timesteps, low=1)
+        number("sample_sigma_floor", sample_sigma_floor, low=0, low_open=True, high=1)
         if image_dim is not None or added_kv_proj_dim is not None or pos_embed_seq_len is not None:
             raise NotImplementedError("image-conditioned Wan (I2V/FLF2V) is not supported: text-to-video only")
         if qk_norm != "rms_norm_across_heads":
@@ -391,7 +406,22 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
                 x, k, v = block(*args)
             if on_layer_kv is not None:
                 on_layer_kv(i, k, v)
-        return self._unpatchify(x, temb, grid)
+        out = self._unpatchify(x, temb, grid)
+        if self.config.prediction_type == "sample":
+            return self._flow_of_sample(out, hidden_states, timestep)
+        return out
+
+    def _flow_of_sample(self, x0: torch.Tensor, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The flow (x_t - x0) / sigma of a clean-sample prediction x0 (B, C, F, H, W) at sigma = timestep /
+        num_train_timesteps (timestep () / (B,) / (B, F)), sigma floored at sample_sigma_floor (JiT, Li & He,
+        "Back to Basics: Let Denoising Generative Models Denoise", arXiv 2511.13720, Sec. 4: x-prediction with
+        a v-loss, t_eps = 0.05). Above the floor, x_t - sigma * flow gives x0 back exactly."""
+        sigma = (timestep.float() / self.config.num_train_timesteps).clamp(min=self.config.sample_sigma_floor)
+        if sigma.ndim < 2:
+            sigma = sigma.expand(x_t.shape[0]) if sigma.ndim == 0 else sigma
+            sigma = sigma[:, None]
+        sigma = sigma[:, None, :, None, None]
+        return ((x_t.float() - x0.float()) / sigma).to(x0.dtype)
 
     # ----------------------------------------------------------------------------------- forwards
 
