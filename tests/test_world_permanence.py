@@ -201,3 +201,10 @@ def test_synthetic_commands_refuse_what_they_cannot_write(tmp_path, capsys, args
         synthetic_main([args[0], "--out", str(tmp_path / "x.jsonl"), *args[1:]])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_permanence_world_refuses_a_whitening_outside_0_to_1(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic_main(["permanence-world", "--root", str(tmp_path / "w"), "--whitening", "1.5"])
+    assert exit_info.value.code == 2 and "autoencoder.whitening" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

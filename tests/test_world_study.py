@@ -40,6 +40,23 @@ def test_the_world_autoencoder_round_trip_reads_back(autoencoder: PatchAutoencod
     assert values["size_error_px"] <= 0.5, values
 
 
+def test_patch_autoencoder_whitening_sets_each_channels_variance() -> None:
+    """On the fitted frames, channel k's variance is std_k ** (2 - 2 w) / mean(std ** (2 - 2 w)): all 1 at w = 1,
+    the components' own (relative) variances at w = 0, their square roots at w = 0.5."""
+    frames, _ = world_frames(AutoencoderSpec(), 6, seed=3)
+
+    def variances(w: float) -> torch.Tensor:
+        z = PatchAutoencoder.fit(frames, 8, 16, whitening=w).encode(frames[None])
+        return z.double().var((0, 2, 3, 4))
+
+    one, own, half = variances(1.0), variances(0.0), variances(0.5)
+    assert torch.allclose(one, torch.ones(16, dtype=torch.float64), atol=1e-3)
+    assert abs(float(own.mean()) - 1) < 1e-3 and bool((own[:-1] >= own[1:]).all())
+    assert torch.allclose(half, own.sqrt() / own.sqrt().mean(), atol=1e-3)
+    with pytest.raises(ValueError, match="whitening"):
+        PatchAutoencoder.fit(frames, 8, 16, whitening=1.5)
+
+
 def test_patch_autoencoder_latents_storage_and_refusals(autoencoder: PatchAutoencoder, tmp_path: Path) -> None:
     frames, _ = world_frames(AutoencoderSpec(), 4, seed=7)
     video = frames[None, :12]

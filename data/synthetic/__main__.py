@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from data.synthetic.autoencoder import AutoencoderSpec
 from data.synthetic.demo import DemoSpec, demo_dataset
 from data.synthetic.permanence_data import PermanenceSpec, build_permanence_world, permanence_root
 from data.synthetic.world import COLOURS, narratives_jsonl, permanence_jsonl
@@ -53,11 +54,20 @@ def main(argv: list[str] | None = None) -> None:
     world.add_argument("--long-narratives", type=int, help=f"default {PermanenceSpec.long_narratives}")
     world.add_argument("--benchmark-narratives", type=int, help=f"default {PermanenceSpec.benchmark_narratives}")
     world.add_argument("--benchmark-returns", type=int, help=f"default {PermanenceSpec.benchmark_returns}")
+    world.add_argument(
+        "--whitening",
+        type=float,
+        help=f"the autoencoder's latent scaling, 0 (one scale) to 1 (unit variance per channel); default "
+        f"{AutoencoderSpec.whitening}",
+    )
     args = parser.parse_args(argv)
     if args.command == "permanence-world":
         keys = ("teacher_clips", "student_clips", "long_narratives", "benchmark_narratives", "benchmark_returns")
         try:
-            spec = PermanenceSpec(**{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
+            options = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+            if args.whitening is not None:
+                options["autoencoder"] = AutoencoderSpec(whitening=args.whitening)
+            spec = PermanenceSpec(**options)
         except ValueError as error:
             parser.error(str(error))
         built = build_permanence_world(spec, permanence_root(spec, args.root))

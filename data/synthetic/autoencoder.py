@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from data.synthetic.world import permanence_narrative, render, sample_narrative
-from memflow_train.checks import whole
+from memflow_train.checks import number, whole
 from memflow_train.models.vae import PatchAutoencoder
 
 
@@ -29,6 +29,7 @@ class AutoencoderSpec:
     width: int = 64
     patch_size: int = 8
     z_dim: int = 64
+    whitening: float = 0.0  # PatchAutoencoder.fit's: 0 one scale (the study's), 1 unit variance per channel
     narratives: int = 200
     seed: int = 0
 
@@ -36,6 +37,7 @@ class AutoencoderSpec:
         for name in ("height", "width", "patch_size", "z_dim", "narratives"):
             whole(f"autoencoder.{name}", getattr(self, name), low=1)
         whole("autoencoder.seed", self.seed, low=0)
+        number("autoencoder.whitening", self.whitening, low=0, high=1)
         if self.height % self.patch_size or self.width % self.patch_size:
             raise ValueError(
                 f"autoencoder height and width ({self.height}x{self.width}) must be multiples of patch_size "
@@ -64,4 +66,4 @@ def world_frames(spec: AutoencoderSpec, count: int, seed: int) -> tuple[torch.Te
 def fit_autoencoder(spec: AutoencoderSpec) -> PatchAutoencoder:
     """The world autoencoder, fitted to frames of spec.narratives narratives (deterministic for spec.seed)."""
     frames, _ = world_frames(spec, spec.narratives, spec.seed)
-    return PatchAutoencoder.fit(frames, spec.patch_size, spec.z_dim)
+    return PatchAutoencoder.fit(frames, spec.patch_size, spec.z_dim, spec.whitening)

@@ -23,6 +23,8 @@ from diffusers import AutoencoderKL, AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from safetensors.torch import load_file, save_file
 
+from memflow_train.checks import number
+
 
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> WanVAE | FrameVAE:
     """The autoencoder saved in a local folder: a Wan diffusers folder (vae/ inside) or a VAE folder, whose
@@ -273,12 +275,11 @@ class PatchAutoencoder(VideoAutoencoder):
     """A linear patch autoencoder for flat-colour videos (the synthetic world draws with 16 colours).
 
     Encoding projects every p x p patch of a frame (3 p^2 values in [-1, 1]) on the z_dim principal components
-    of training patches, divided by one scale, the root mean variance of those components on the training
-    patches (latents have unit variance on average by construction, and every component keeps its weight: the
-    first ones, which carry the scene and the shapes, dominate a diffusion loss as they dominate the pixels;
-    per-channel scaling would weigh the last, fine-detail components as much). Decoding maps back and snaps
-    every pixel to the nearest colour of the palette of the training frames (the exact colours a flat-colour
-    world draws with). Temporal stride 1, spatial stride p. Fitting is one SVD (`fit`): no training run."""
+    of training patches, each divided by a scale (`fit`'s whitening; by default one scale for all, so latents
+    have unit variance on average and the first components, which carry the scene, keep their weight).
+    Decoding maps back and snaps every pixel to the nearest colour of the palette of the training frames (the
+    exact colours a flat-colour world draws with). Temporal stride 1, spatial stride p. Fitting is one SVD
+    (`fit`): no training run."""
 
     @property
     def z_dim(self) -> int:
@@ -293,10 +294,16 @@ class PatchAutoencoder(VideoAutoencoder):
         return self.vae.patch_size
 
     @classmethod
-    def fit(cls, frames: torch.Tensor, patch_size: int, z_dim: int, max_colours: int = 64) -> PatchAutoencoder:
-        """Fit to uint8 frames (N, H, W, 3). Raises ValueError when z_dim exceeds 3 p^2 or the patches' rank, a
-        side is not a multiple of patch_size, or the frames hold more than max_colours distinct colours (not a
-        flat-colour set: snapping would change what they show)."""
+    def fit(
+        cls, frames: torch.Tensor, patch_size: int, z_dim: int, whitening: float = 0.0, max_colours: int = 64
+    ) -> PatchAutoencoder:
+        """Fit to uint8 frames (N, H, W, 3). Component k (standard deviation std_k on the training patches) is
+        divided by std_k ** whitening * c, c such that the latents' variance is 1 on average: whitening 0 keeps
+        the components' relative scales (one scale), 1 gives every channel unit variance, 0.5 variances
+        proportional to std_k. Raises ValueError when z_dim exceeds 3 p^2 or the patches' rank, whitening lies
+        outside [0, 1], a side is not a multiple of patch_size, or the frames hold more than max_colours
+        distinct colours (not a flat-colour set: snapping would change what they show)."""
+        number("whitening", whitening, low=0, high=1)
         if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"expected uint8 frames (N, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
         if frames.shape[1] % patch_size or frames.shape[2] % patch_size:
@@ -313,7 +320,7 @@ class PatchAutoencoder(VideoAutoencoder):
         std = singular[:z_dim] / (len(patches) - 1) ** 0.5
         if bool((std <= 1e-8).any()):
             raise ValueError(f"the training patches span fewer than z_dim {z_dim} directions")
-        scale = std.pow(2).mean().sqrt().expand(z_dim)  # one scale: components keep their relative weight
+        scale = std**whitening * std.pow(2 - 2 * whitening).mean().sqrt()
         return cls(_PatchPCA(patch_size, mean, vectors[:z_dim], scale, colours.double() / 127.5 - 1))
 
     @classmethod
