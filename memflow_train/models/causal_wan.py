@@ -34,13 +34,14 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTimeTextImageEmbedding
 from torch.utils.checkpoint import checkpoint
 
-from memflow_train.checks import number, whole
+from memflow_train.checks import number
 from memflow_train.memory.config import MemoryConfig
 from memflow_train.memory.kv_cache import StreamingKVCache
 from memflow_train.memory.relevance import TextKeys
 from memflow_train.memory.window import AttentionWindow
 from memflow_train.models.attention import get_attention_backend, sdpa_attention
 from memflow_train.models.rope import WanRope3D, apply_rotary
+from memflow_train.sampling.flow_matching import NUM_TRAIN_TIMESTEPS
 
 # What the network's output is: the flow (Wan) or the clean sample x0 (forward converts it to the flow).
 PREDICTION_TYPES = ("flow_prediction", "sample")
@@ -267,13 +268,11 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         rope_max_seq_len: int = 1024,
         pos_embed_seq_len: int | None = None,
         prediction_type: str = "flow_prediction",
-        num_train_timesteps: int = 1000,
         sample_sigma_floor: float = 0.05,
     ) -> None:
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        whole("num_train_timesteps", num_train_timesteps, low=1)
         number("sample_sigma_floor", sample_sigma_floor, low=0, low_open=True, high=1)
         if image_dim is not None or added_kv_proj_dim is not None or pos_embed_seq_len is not None:
             raise NotImplementedError("image-conditioned Wan (I2V/FLF2V) is not supported: text-to-video only")
@@ -413,10 +412,10 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
 
     def _flow_of_sample(self, x0: torch.Tensor, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """The flow (x_t - x0) / sigma of a clean-sample prediction x0 (B, C, F, H, W) at sigma = timestep /
-        num_train_timesteps (timestep () / (B,) / (B, F)), sigma floored at sample_sigma_floor (JiT, Li & He,
+        NUM_TRAIN_TIMESTEPS (timestep () / (B,) / (B, F)), sigma floored at sample_sigma_floor (JiT, Li & He,
         "Back to Basics: Let Denoising Generative Models Denoise", arXiv 2511.13720, Sec. 4: x-prediction with
         a v-loss, t_eps = 0.05). Above the floor, x_t - sigma * flow gives x0 back exactly."""
-        sigma = (timestep.float() / self.config.num_train_timesteps).clamp(min=self.config.sample_sigma_floor)
+        sigma = (timestep.float() / NUM_TRAIN_TIMESTEPS).clamp(min=self.config.sample_sigma_floor)
         if sigma.ndim < 2:
             sigma = sigma.expand(x_t.shape[0]) if sigma.ndim == 0 else sigma
             sigma = sigma[:, None]

@@ -16,9 +16,11 @@ import torch
 from memflow_train.checks import number, whole
 from memflow_train.sampling.noise import SampleNoise
 
+NUM_TRAIN_TIMESTEPS = 1000  # Wan's timestep is 1000 * sigma (its scheduler's num_train_timesteps)
+
 
 class FlowMatchSchedule:
-    def __init__(self, shift: float = 5.0, num_train_timesteps: int = 1000) -> None:
+    def __init__(self, shift: float = 5.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> None:
         number("timestep_shift", shift, low=0, low_open=True)
         whole("num_train_timesteps", num_train_timesteps, low=1)
         self.shift = shift
