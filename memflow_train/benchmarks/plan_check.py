@@ -20,7 +20,6 @@ import time
 import warnings
 from typing import Any
 
-import lightning as L
 import torch
 
 from memflow_train.benchmarks.tensor_memory import PeakTensorMemory
@@ -29,6 +28,7 @@ from memflow_train.plan.batch import synthetic_batch
 from memflow_train.plan.config import PlanSetup, read_config
 from memflow_train.plan.planner import plan_module
 from memflow_train.plan.report import human
+from memflow_train.plan.step import fit_on_batch
 from memflow_train.plan.strategy import parse_strategy
 
 WAN = "wan2.1-t2v-1.3b"
@@ -152,22 +152,10 @@ def measure(setup: PlanSetup, steps: int, device: str) -> tuple[int, float]:
         torch.manual_seed(0)
         module = setup.model_class(**args).to(device)
         batch = _random(synthetic_batch(module, setup.data, setup.data.num_frames))
-        trainer = L.Trainer(
-            accelerator="gpu" if device == "cuda" else "cpu",
-            devices=1,
-            precision=setup.precision,
-            max_steps=steps + 1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-        )
-        loader = torch.utils.data.DataLoader([batch] * (steps + 1), batch_size=None, collate_fn=lambda b: b)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer.fit(module, loader)
+            accelerator = "gpu" if device == "cuda" else "cpu"
+            fit_on_batch(module, batch, steps + 1, accelerator=accelerator, precision=setup.precision)
     return memory.peak_bytes, time.perf_counter() - start
 
 

@@ -160,26 +160,38 @@ def trace_steps(module: L.LightningModule, batch: Any, profiles: list[Profile], 
         twin = prepare_twin(module, settings)
         batch = copy.deepcopy(batch)
         _text_encoder_on_meta(twin, batch)
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            precision="32-true",
-            max_steps=MAX_STEPS,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            callbacks=[callback],
-        )
-        loader = torch.utils.data.DataLoader([batch] * MAX_STEPS, batch_size=None, collate_fn=_same)
-        trainer.fit(twin, loader)
+        fit_on_batch(twin, batch, MAX_STEPS, callbacks=[callback])
     return StepTrace(tracer, callback.steps, time.perf_counter() - start, callback.settled)
+
+
+def fit_on_batch(
+    module: L.LightningModule,
+    batch: Any,
+    steps: int,
+    accelerator: str = "cpu",
+    precision: str = "32-true",
+    callbacks: list[L.Callback] | None = None,
+) -> L.Trainer:
+    """`steps` training steps of module on the same batch, one device, nothing logged, saved or validated."""
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks or [],
+    )
+    trainer.fit(module, torch.utils.data.DataLoader([batch] * steps, batch_size=None, collate_fn=_same))
+    return trainer
 
 
 def _same(batch: Any) -> Any:
     return batch
 
 
-__all__ = ["MAX_STEPS", "StepTrace", "TraceSettings", "meta_parameters", "meta_twin", "trace_steps"]
+__all__ = ["MAX_STEPS", "StepTrace", "fit_on_batch", "TraceSettings", "meta_parameters", "meta_twin", "trace_steps"]
