@@ -11,7 +11,11 @@ loss = mean over chunks (frames) of MSE(flow_pred, noise - x0).
 
 Prompts: a narrative whose switch frames the data fixes conditions each chunk (streaming: the
 prompt at the chunk's start, as generation does) or frame (bidirectional) with its own prompt;
-otherwise the first prompt conditions everything.
+otherwise the first prompt conditions everything. prompt_dropout p: each training sample has, with
+probability p, every prompt replaced by the unconditional one (caption dropout, which classifier-free
+guidance needs: Ho & Salimans, arXiv 2207.12598; Wan and diffusers' text-to-image scripts train so). The
+unconditional prompt is the batch's negative embedding, the one guided sampling and DMD's teacher score
+use as their uncond, else the text encoder's `negative_prompt`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 
-from memflow_train.checks import number_range, whole
+from memflow_train.checks import number, number_range, whole
 from memflow_train.memory import MemoryConfig
 from memflow_train.methods.ema import ParameterEMA
 from memflow_train.methods.hparams import coerce, save_plain_hyperparameters
@@ -52,6 +56,8 @@ class LatentBatch(Protocol):
     segment_start: torch.Tensor  # (B, P): latent frame where each prompt starts; -1 = not fixed by the data
     prompt_embeds: torch.Tensor | None  # (B, P, L, D): prompt 0 is the caption
     prompt_mask: torch.Tensor | None
+    negative_embeds: torch.Tensor | None  # (B, L, D): the unconditional prompt (prompt_dropout)
+    negative_mask: torch.Tensor | None
 
 
 class FlowMatchingFinetune(LightningModule):
@@ -72,6 +78,8 @@ class FlowMatchingFinetune(LightningModule):
         ema_start_step: int = 0,
         nonfinite: Literal["stop", "skip"] = "stop",
         max_skipped_updates: int = 3,
+        prompt_dropout: float = 0.0,
+        negative_prompt: str = "",
         seed: int = 0,
     ) -> None:
         """attention: "streaming" trains the causal generator chunk by chunk with its cache and memory,
@@ -79,7 +87,10 @@ class FlowMatchingFinetune(LightningModule):
         max_frames: latent frames used per sample (whole chunks, from the start); default all.
         optimizer.grad_clip is applied by this module; leave the Trainer's gradient clipping off.
         nonfinite: "stop" at the first non-finite loss, or "skip" the step; after more than
-        max_skipped_updates skipped steps in a row the run stops."""
+        max_skipped_updates skipped steps in a row the run stops.
+        prompt_dropout: probability in [0, 1) that a training sample is conditioned by the unconditional prompt
+        (the batch's negative embedding, else `negative_prompt` through text_encoder) instead of its own; 0 (the
+        default) trains only conditional. Validation is always conditional."""
         super().__init__()
         model, memory = coerce(BackboneSpec, model), coerce(MemoryConfig, memory)
         optimizer, lora = coerce(OptimizerSpec, optimizer), coerce(LoraSpec, lora)
@@ -110,6 +121,9 @@ class FlowMatchingFinetune(LightningModule):
         if attention not in ("streaming", "bidirectional"):
             raise ValueError(f"attention must be 'streaming' or 'bidirectional', got {attention!r}")
         whole("max_skipped_updates", max_skipped_updates, low=0)
+        number("prompt_dropout", prompt_dropout, low=0, high=1, high_open=True)
+        if not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {negative_prompt!r}")
         self.step_log = StepLog(progress_bar=("train/loss",))
         self._warned: set[str] = set()
         self.skipped_in_a_row = 0
@@ -175,6 +189,36 @@ class FlowMatchingFinetune(LightningModule):
             real = real & ~unfixed[:, None]
             real[:, 0] = True
         return embeds, mask, torch.where(real, starts, torch.iinfo(torch.long).max)
+
+    def _drop_prompts(
+        self, batch: LatentBatch, embeds: torch.Tensor, mask: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeds (B, P, L, D) / mask (B, P, L) with every real prompt slot of the samples drawn for dropout
+        (probability prompt_dropout, keyed by step and global sample index) replaced by the unconditional
+        prompt; the slots' starts are kept. Raises ValueError when there is no unconditional prompt."""
+        b = embeds.shape[0]
+        drop = SampleNoise(self.hparams.seed, step, "prompt_dropout", first_index=self.global_rank * b, count=b)
+        drop = (drop.rand() < self.hparams.prompt_dropout).to(self.device)
+        if not bool(drop.any()):
+            return embeds, mask
+        negative, negative_mask = getattr(batch, "negative_embeds", None), getattr(batch, "negative_mask", None)
+        if negative is None:
+            if self.text_encoder is None:
+                raise ValueError(
+                    "prompt_dropout needs an unconditional prompt: the batch has no negative_embeds (prepare the "
+                    "shards with a negative prompt) and no text_encoder is configured to embed negative_prompt"
+                )
+            negative, negative_mask = self.text_encoder([self.hparams.negative_prompt], self.device)
+            negative, negative_mask = negative.expand(b, -1, -1), negative_mask.expand(b, -1)
+        negative, negative_mask = negative.to(self.device, embeds.dtype), negative_mask.to(self.device)
+        tokens = max(embeds.shape[2], negative.shape[1])
+        embeds, mask = F.pad(embeds, (0, 0, 0, tokens - embeds.shape[2])), F.pad(mask, (0, tokens - mask.shape[2]))
+        negative = F.pad(negative, (0, 0, 0, tokens - negative.shape[1]))
+        negative_mask = F.pad(negative_mask, (0, tokens - negative_mask.shape[1]))
+        slot = drop[:, None] & mask.any(-1)  # (B, P): padding slots stay padding
+        embeds = torch.where(slot[..., None, None], negative[:, None], embeds)
+        mask = torch.where(slot[..., None], negative_mask[:, None], mask)
+        return embeds, mask
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -289,6 +333,8 @@ class FlowMatchingFinetune(LightningModule):
 
     def training_step(self, batch: LatentBatch, batch_idx: int) -> torch.Tensor | None:
         embeds, mask, starts = self._prompts(batch)
+        if self.hparams.prompt_dropout > 0:
+            embeds, mask = self._drop_prompts(batch, embeds, mask, self.global_step)
         frames, sample_chunks = self._frames(batch)
         loss = self.flow_matching_loss(frames, embeds, mask, self.global_step, sample_chunks, starts)
         finite = bool(torch.isfinite(loss))

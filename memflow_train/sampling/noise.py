@@ -36,6 +36,10 @@ class SampleNoise:
         rows = [torch.randn(shape[1:], generator=g) for g in self.generators]
         return torch.stack(rows).to(device=device, dtype=dtype)
 
+    def rand(self) -> torch.Tensor:
+        """One uniform draw in [0, 1) per sample, (B,)."""
+        return torch.cat([torch.rand(1, generator=g) for g in self.generators])
+
     def randint(self, high: int) -> torch.Tensor:
         """One integer in [0, high) per sample, (B,)."""
         return torch.cat([torch.randint(high, (1,), generator=g) for g in self.generators])
