@@ -30,7 +30,7 @@ from jsonargparse import ArgumentParser, DefaultHelpFormatter
 from callbacks.long_video.protocol import EvalProtocol, Evaluator
 from callbacks.long_video.report import assemble, write_report
 from data.synthetic.demo import DemoSpec, demo_dataset
-from memflow_train.checks import frame_rate, whole
+from memflow_train.checks import frame_rate, number, whole
 from memflow_train.errors import run_command
 from memflow_train.evaluation.narratives import warn_off_grid
 from memflow_train.generation.build import (
@@ -80,6 +80,14 @@ def build_parser() -> ArgumentParser:
         help="evaluate the model as a bidirectional model (a teacher): this many Euler steps over each whole "
         "narrative, each frame under its own prompt, instead of streaming it chunk by chunk",
     )
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="with --full_sequence_steps: classifier-free guidance flow(neg) + g * (flow(prompt) - flow(neg)) "
+        "(1: none; needs a model trained with prompt dropout)",
+    )
+    p.add_argument("--negative_prompt", type=str, default="", help="the guidance's unconditional prompt")
     p.add_argument("--videos", type=int, default=2, help="narratives whose mp4 is written (0: none)")
     p.add_argument("--video_fps", type=float, default=16.0, help="frame rate of the written mp4s (stored exactly)")
     return p
@@ -93,6 +101,12 @@ def check_args(args: Any) -> None:
     whole("--videos", args.videos, low=0)
     if args.full_sequence_steps is not None:
         whole("--full_sequence_steps", args.full_sequence_steps, low=1)
+    number("--guidance_scale", args.guidance_scale, low=0)
+    if args.guidance_scale != 1.0 and args.full_sequence_steps is None:
+        raise ValueError(
+            f"--guidance_scale {args.guidance_scale} applies to full-sequence sampling only: add "
+            "--full_sequence_steps (a streaming generator samples unguided)"
+        )
     frame_rate("--video_fps", args.video_fps)
     if args.latent_size is not None:
         for side in args.latent_size:
@@ -137,7 +151,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if latent_size is None:
         raise SystemExit("error: the checkpoint records no latent size: pass --latent_size H W (latent pixels)")
     pipeline = StreamingVideoPipeline(sampler, text, vae, tuple(latent_size))
-    evaluator = Evaluator(args.protocol, args.videos, args.video_fps, args.full_sequence_steps)
+    evaluator = Evaluator(
+        args.protocol, args.videos, args.video_fps, args.full_sequence_steps, args.guidance_scale, args.negative_prompt
+    )
     warn_off_grid(evaluator.narratives, sampler.frames_per_chunk)
     with torch.no_grad():
         shard = evaluator.run_shard(pipeline)
@@ -147,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     source = {"checkpoint": args.checkpoint, "checkpoint_key": args.checkpoint_key or "default (EMA generator)"}
     if args.full_sequence_steps is not None:
         source["sampling"] = f"bidirectional, {args.full_sequence_steps} Euler steps over each whole narrative"
+        if args.guidance_scale != 1.0:
+            source["sampling"] += f", guidance {args.guidance_scale} against {args.negative_prompt!r}"
     report, videos = assemble(evaluator.protocol_info(pipeline), source, evaluator.compute(), [shard])
     write_report(args.out, report, videos)
     print(f"{len(report['narratives'])} narratives, protocol {report['protocol']['id']} -> {args.out}/report.md")

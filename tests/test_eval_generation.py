@@ -141,3 +141,25 @@ def test_evaluation_protocol_refuses_more_narratives_than_the_set_holds(tmp_path
     assert len(EvalProtocol(synthetic=SyntheticNarratives(count=3), num_narratives=3).load()) == 3
     with pytest.raises(ValueError, match="num_narratives 4: synthetic.count 3 holds only 3 narratives"):
         EvalProtocol(synthetic=SyntheticNarratives(count=3), num_narratives=4).load()
+
+
+def test_guided_full_sequence_is_the_sampler_with_the_negative_prompt(pipeline: StreamingVideoPipeline) -> None:
+    """Oracle: sample_full_sequence called by hand with the per-frame prompts and the negative prompt's states
+    for every frame; guidance 1 ignores the negative prompt."""
+    from memflow_train.evaluation import generate_full_sequence
+    from memflow_train.models.causal_wan import FramePrompts
+    from memflow_train.sampling import seeded
+    from memflow_train.sampling.full_sequence import sample_full_sequence
+
+    model, frames = pipeline.model, NARRATIVE.num_frames
+    embeds, mask = pipeline.text_encoder(list(NARRATIVE.prompts))
+    text = FramePrompts.from_segments(embeds[None], mask[None], torch.tensor([NARRATIVE.starts]), frames)
+    negative = FramePrompts.single(*pipeline.text_encoder(["blurry"]), frames)
+    noise = torch.randn((1, 4, frames, 4, 4), generator=seeded(3, "noise"))
+    schedule = pipeline.sampler.schedule
+    expected = sample_full_sequence(model, schedule, noise, text, 2, negative, 3.0)
+    video = generate_full_sequence(pipeline, NARRATIVE, 3, 2, guidance_scale=3.0, negative_prompt="blurry")
+    assert torch.equal(video.frames, pipeline.vae.to_uint8(pipeline.vae.decode(expected))[0])
+    plain = generate_full_sequence(pipeline, NARRATIVE, 3, 2)
+    other = generate_full_sequence(pipeline, NARRATIVE, 3, 2, negative_prompt="blurry")
+    assert torch.equal(plain.frames, other.frames) and not torch.equal(plain.frames, video.frames)

@@ -20,7 +20,7 @@ from callbacks.long_video.world import WorldConsistency, annotate, returning_eve
 from data.synthetic.world import COLOURS, narratives_jsonl
 from data.synthetic.world import Narrative as World
 from data.video_io import encode_mp4
-from memflow_train.checks import whole
+from memflow_train.checks import number, whole
 from memflow_train.evaluation import (
     PROTOCOL_VERSION,
     ClipFeatures,
@@ -156,14 +156,30 @@ class Evaluator:
     """Runs an EvalProtocol; feature models are built on first use and kept (on CPU between runs)."""
 
     def __init__(
-        self, protocol: EvalProtocol, videos: int = 2, video_fps: float = 16, full_sequence_steps: int | None = None
+        self,
+        protocol: EvalProtocol,
+        videos: int = 2,
+        video_fps: float = 16,
+        full_sequence_steps: int | None = None,
+        guidance_scale: float = 1.0,
+        negative_prompt: str = "",
     ) -> None:
         """full_sequence_steps: generate each narrative with the model as a bidirectional model (a teacher), in
-        this many Euler steps over the whole sequence, instead of streaming it (None)."""
+        this many Euler steps over the whole sequence, instead of streaming it (None); then guidance_scale != 1
+        guides every step against negative_prompt (classifier-free guidance). Raises ValueError for guidance
+        without full_sequence_steps (a streaming generator samples unguided, as it was distilled)."""
+        number("guidance_scale", guidance_scale, low=0)
+        if guidance_scale != 1.0 and full_sequence_steps is None:
+            raise ValueError(
+                f"guidance_scale {guidance_scale} applies to full-sequence sampling only (set full_sequence_steps): "
+                "the streaming generator samples unguided, as its training distilled the guidance into it"
+            )
         self.protocol = protocol
         self.videos = videos
         self.video_fps = video_fps
         self.full_sequence_steps = full_sequence_steps
+        self.guidance_scale = guidance_scale
+        self.negative_prompt = negative_prompt
         self.narratives = protocol.load()
         self.num_segments = max(len(n.narrative.prompts) for n in self.narratives)
         self._models: dict[FeatureModelSpec, ClipFeatures | DinoFeatures] = {}
@@ -274,7 +290,15 @@ class Evaluator:
 
     def _generate(self, pipeline: StreamingVideoPipeline, narrative: Any, decode: bool = True) -> EvaluationVideo:
         if self.full_sequence_steps is not None:
-            return generate_full_sequence(pipeline, narrative, self.protocol.seed, self.full_sequence_steps, decode)
+            return generate_full_sequence(
+                pipeline,
+                narrative,
+                self.protocol.seed,
+                self.full_sequence_steps,
+                decode,
+                self.guidance_scale,
+                self.negative_prompt,
+            )
         return generate_traced(pipeline, narrative, self.protocol.seed, decode=decode)
 
     def _specs(self) -> list[FeatureModelSpec]:

@@ -56,23 +56,35 @@ def generate_traced(
 
 @torch.no_grad()
 def generate_full_sequence(
-    pipeline: StreamingVideoPipeline, narrative: Narrative, seed: int, steps: int, decode: bool = True
+    pipeline: StreamingVideoPipeline,
+    narrative: Narrative,
+    seed: int,
+    steps: int,
+    decode: bool = True,
+    guidance_scale: float = 1.0,
+    negative_prompt: str = "",
 ) -> EvaluationVideo:
     """Generate one narrative with the pipeline's model as a bidirectional model (a teacher): `steps` Euler
     steps over the whole sequence from noise seeded by (seed, "noise"), each frame conditioned by its own
-    prompt (memflow_train.sampling.full_sequence). The stats count the whole sampling as one chunk."""
+    prompt (memflow_train.sampling.full_sequence), with classifier-free guidance against negative_prompt when
+    guidance_scale != 1 (the model must have been trained with prompt dropout for that to mean anything). The
+    stats count the whole sampling as one chunk."""
     model, device = pipeline.model, pipeline.device
     embeds, mask = pipeline.text_encoder(list(narrative.prompts))
     starts = torch.tensor([narrative.starts], device=device)
     text = FramePrompts.from_segments(
         embeds[None].to(device, model.dtype), mask[None].to(device), starts, narrative.num_frames
     )
+    negative = None
+    if guidance_scale != 1.0:
+        n_embeds, n_mask = pipeline.text_encoder([negative_prompt])
+        negative = FramePrompts.single(n_embeds.to(device, model.dtype), n_mask.to(device), narrative.num_frames)
     shape = (1, model.config.in_channels, narrative.num_frames, *pipeline.latent_size)
     noise = torch.randn(shape, generator=seeded(seed, "noise", device=device), device=device).to(model.dtype)
     stats = GenerationStats()
     synchronize(device)
     start = time.perf_counter()
-    latents = sample_full_sequence(model, pipeline.sampler.schedule, noise, text, steps)
+    latents = sample_full_sequence(model, pipeline.sampler.schedule, noise, text, steps, negative, guidance_scale)
     synchronize(device)
     seconds = time.perf_counter() - start
     frames = None
