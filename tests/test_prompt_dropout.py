@@ -89,9 +89,11 @@ def test_bad_dropout_is_refused(value: float) -> None:
         FlowMatchingFinetune(model={"preset": "tiny"}, prompt_dropout=value)
 
 
-def test_dropout_without_an_unconditional_prompt_is_named() -> None:
-    module = FlowMatchingFinetune(model={"preset": "tiny"}, prompt_dropout=0.999)
+def test_dropout_without_an_unconditional_prompt_is_named_on_the_first_batch() -> None:
+    """Refused at once, also on a batch where no sample happens to be dropped."""
+    module = FlowMatchingFinetune(model={"preset": "tiny"}, prompt_dropout=0.001)
     batch = prompt_batch(batch=2)
+    assert _expected_drops(0.001, 0, 2) == [False, False]
     batch.negative_embeds = batch.negative_mask = None
     with pytest.raises(ValueError, match="prompt_dropout needs an unconditional prompt"):
         module._drop_prompts(batch, batch.prompt_embeds, batch.prompt_mask, step=0)

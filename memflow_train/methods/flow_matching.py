@@ -197,17 +197,18 @@ class FlowMatchingFinetune(LightningModule):
         (probability prompt_dropout, keyed by step and global sample index) replaced by the unconditional
         prompt; the slots' starts are kept. Raises ValueError when there is no unconditional prompt."""
         b = embeds.shape[0]
+        negative, negative_mask = getattr(batch, "negative_embeds", None), getattr(batch, "negative_mask", None)
+        if negative is None and self.text_encoder is None:  # checked on every batch, not only when one drops
+            raise ValueError(
+                "prompt_dropout needs an unconditional prompt: the batch has no negative_embeds (prepare the shards "
+                "with a negative prompt and read the 'negative' field) and no text_encoder is configured to embed "
+                "negative_prompt"
+            )
         drop = SampleNoise(self.hparams.seed, step, "prompt_dropout", first_index=self.global_rank * b, count=b)
         drop = (drop.rand() < self.hparams.prompt_dropout).to(self.device)
         if not bool(drop.any()):
             return embeds, mask
-        negative, negative_mask = getattr(batch, "negative_embeds", None), getattr(batch, "negative_mask", None)
         if negative is None:
-            if self.text_encoder is None:
-                raise ValueError(
-                    "prompt_dropout needs an unconditional prompt: the batch has no negative_embeds (prepare the "
-                    "shards with a negative prompt) and no text_encoder is configured to embed negative_prompt"
-                )
             negative, negative_mask = self.text_encoder([self.hparams.negative_prompt], self.device)
             negative, negative_mask = negative.expand(b, -1, -1), negative_mask.expand(b, -1)
         negative, negative_mask = negative.to(self.device, embeds.dtype), negative_mask.to(self.device)
