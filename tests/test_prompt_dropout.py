@@ -99,6 +99,15 @@ def test_dropout_without_an_unconditional_prompt_is_named_on_the_first_batch() -
         module._drop_prompts(batch, batch.prompt_embeds, batch.prompt_mask, step=0)
 
 
+def test_a_negative_prompt_that_is_not_used_is_named() -> None:
+    with pytest.warns(UserWarning, match="negative_prompt 'blurry' is not used: .* prompt_dropout, which is 0"):
+        FlowMatchingFinetune(model={"preset": "tiny"}, negative_prompt="blurry")
+    module = FlowMatchingFinetune(model={"preset": "tiny"}, prompt_dropout=0.5, negative_prompt="blurry")
+    batch = prompt_batch(batch=2)
+    with pytest.warns(UserWarning, match="negative_prompt 'blurry' is not used: the batch's negative embeddings"):
+        module._drop_prompts(batch, batch.prompt_embeds, batch.prompt_mask, step=0)
+
+
 def test_guidance_is_refused_for_streaming_evaluation() -> None:
     with pytest.raises(ValueError, match="guidance_scale 3.0 applies to full-sequence sampling only"):
         Evaluator(EvalProtocol(), guidance_scale=3.0)

@@ -124,6 +124,12 @@ class FlowMatchingFinetune(LightningModule):
         number("prompt_dropout", prompt_dropout, low=0, high=1, high_open=True)
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {negative_prompt!r}")
+        if negative_prompt and not prompt_dropout:
+            warnings.warn(
+                f"negative_prompt {negative_prompt!r} is not used: it is the unconditional prompt of prompt_dropout, "
+                "which is 0",
+                stacklevel=2,
+            )
         self.step_log = StepLog(progress_bar=("train/loss",))
         self._warned: set[str] = set()
         self.skipped_in_a_row = 0
@@ -203,6 +209,12 @@ class FlowMatchingFinetune(LightningModule):
                 "prompt_dropout needs an unconditional prompt: the batch has no negative_embeds (prepare the shards "
                 "with a negative prompt and read the 'negative' field) and no text_encoder is configured to embed "
                 "negative_prompt"
+            )
+        if negative is not None and self.hparams.negative_prompt:
+            self._warn_once(
+                "negative",
+                f"negative_prompt {self.hparams.negative_prompt!r} is not used: the batch's negative embeddings (the "
+                "shards' negative prompt) are the unconditional prompt of prompt_dropout",
             )
         drop = SampleNoise(self.hparams.seed, step, "prompt_dropout", first_index=self.global_rank * b, count=b)
         drop = (drop.rand() < self.hparams.prompt_dropout).to(self.device)
