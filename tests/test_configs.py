@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from memflow_train.cli import MemflowCLI
 
@@ -62,3 +63,19 @@ def test_readme_yaml_snippets_compose_with_a_recipe(tmp_path: Path) -> None:
         snippet = tmp_path / f"readme_{i}.yaml"
         snippet.write_text(block)
         ParseOnlyCLI(args=["--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(snippet)], run=False)
+
+
+def test_world_stages_guide_only_with_a_teacher_that_has_an_unconditional_score() -> None:
+    """DMD's guidance follows Self-Forcing, cond + s * (cond - uncond), so s = 0 (not 1) is no guidance. A
+    world teacher trained without prompt_dropout has no unconditional score: stages 1 and 2 must not use it."""
+    import yaml
+
+    from memflow_train.methods.dmd_losses import guided
+
+    cond, uncond = torch.randn(3), torch.randn(3)
+    assert torch.equal(guided(cond, uncond, 0.0), cond) and not torch.equal(guided(cond, uncond, 1.0), cond)
+    world = ROOT / "configs" / "world"
+    dropout = yaml.safe_load((world / "teacher.yaml").read_text())["model"]["init_args"].get("prompt_dropout", 0.0)
+    for stage in ("stage1", "stage2"):
+        scale = yaml.safe_load((world / f"{stage}.yaml").read_text())["model"]["init_args"]["guidance_scale"]
+        assert dropout > 0 or scale == 0, f"{stage}.yaml guides (scale {scale}) with a teacher that has no uncond"
