@@ -19,12 +19,14 @@ from typing import Any
 # Lightning 2.6 calls a jsonargparse API deprecated in 4.49; users cannot act on that warning.
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from memflow_train.errors import run_command
+from memflow_train.memory import MemoryPolicy
 from memflow_train.models.loading import deepspeed_client_state, is_deepspeed_checkpoint
 from memflow_train.models.trust import safe_load
 from memflow_train.progress import StepProgressBar
@@ -39,6 +41,9 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: "litlogger" not in record.getMessage()
 )
+# Memory policies are frozen dataclasses selected by class_path (model.init_args.memory: {class_path, init_args}),
+# a user's own subclass included; jsonargparse treats dataclasses as plain groups unless told.
+set_parsing_settings(subclasses_enabled=[MemoryPolicy])
 
 
 # Model settings that may differ between a checkpoint and the resumed run (key prefixes).
@@ -194,7 +199,7 @@ def _members(target: Any) -> dict[str, Any] | None:
 
 
 def _inner(hint: Any) -> Any:
-    """The class inside an Optional / Union hint (MemoryConfig | None -> MemoryConfig)."""
+    """The class inside an Optional / Union hint (OptimizerSpec | None -> OptimizerSpec)."""
     return next((a for a in typing.get_args(hint) if isinstance(a, type)), hint)
 
 
@@ -272,6 +277,25 @@ def did_you_mean(model_class: str | None, text: str) -> str | None:
     return None
 
 
+def _nested_suggestion(text: str) -> str | None:
+    """For an unknown key inside a class_path-selected argument of the model (its memory policy), e.g.
+    'Parser key "memory": Problem with given class_path 'memflow_train.memory.NAM': Option 'bank_sise' is not
+    accepted': the closest option of that class, as a full key (model.init_args.memory.init_args.bank_size)."""
+    found = re.search(
+        r"Parser key \"(\w+)\":\s*Problem with given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", text
+    )
+    if found is None:
+        return None
+    group, path, key = found.groups()
+    module, _, name = path.rpartition(".")
+    try:
+        members = _members(getattr(importlib.import_module(module), name)) or {}
+    except (ImportError, AttributeError):
+        return None
+    close = difflib.get_close_matches(key, list(members), n=1)
+    return f"model.init_args.{group}.init_args.{close[0]}" if close else None
+
+
 def _cli(argv: list[str] | None) -> None:
     debug = os.environ.get("MEMFLOW_TRAIN_TRACEBACK") == "1"
     try:
@@ -279,9 +303,13 @@ def _cli(argv: list[str] | None) -> None:
     except argparse.ArgumentError as err:  # a parse error: reported like the others, with a suggestion
         text = str(err)
         model = re.search(r"class_path '([\w.]+)'", text)
-        suggestion = did_you_mean(model.group(1) if model else None, text)
+        nested = _nested_suggestion(text)
+        suggestion = nested or did_you_mean(model.group(1) if model else None, text)
         if suggestion is not None:
             flag = (found := _bad_key(text)) is not None and found[2]
+            if nested is not None:  # jsonargparse words a flag's unknown key inside a class_path like a file's
+                bad = re.search(r"Option '(\w+)' is not accepted", text).group(1)
+                flag = any(arg.startswith("--") and bad in arg for arg in (argv if argv is not None else sys.argv))
             text += f"\ndid you mean --{suggestion}?" if flag else f"\ndid you mean {suggestion} (in the config)?"
         raise ValueError(text) from None
 

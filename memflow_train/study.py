@@ -30,10 +30,12 @@ from pathlib import Path
 
 from memflow_train.errors import run_command
 
-VARIANTS = {
-    "off": ["--model.init_args.memory.enabled", "false", "--model.init_args.memory.sma", "false"],
+VARIANTS = {  # memory policies: the stage configs' NAM + SMA, switched by class_path (shared options carry over)
+    "off": ["--model.init_args.memory", "memflow_train.memory.MemoryFree"],
     "nam": ["--model.init_args.memory.sma", "false"],
     "sma": [],
+    "surprise": ["--model.init_args.memory", "memflow_train.memory.SurpriseGatedBank"],
+    "slow_fast": ["--model.init_args.memory", "memflow_train.memory.SlowFastMemory"],
 }
 
 # Sizes per scale: "full" is the study (the configs' own sizes; not yet timed end to end: its teacher alone took

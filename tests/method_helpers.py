@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import lightning as L
 import torch
 
-from memflow_train.memory import MemoryConfig
+from memflow_train.memory import NAM
 from memflow_train.methods import BackboneSpec, OptimizerSpec, SelfForcingDMD, StreamingLongTuning
 
 TEXT_LEN, TEXT_DIM = 6, 16
@@ -39,7 +39,7 @@ def dmd_module(cls: type = SelfForcingDMD, **overrides) -> SelfForcingDMD:
     kwargs = dict(
         generator=BackboneSpec(),
         teacher=BackboneSpec(),
-        memory=MemoryConfig(record_interval=1),
+        memory=NAM(record_interval=1),
         num_frames=6,
         latent_size=(4, 4),
         gen_update_ratio=2,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memflow_train.memory import MemoryConfig, StreamingKVCache, TextKeys
+from memflow_train.memory import MemoryPolicy, StreamingKVCache, TextKeys
 from memflow_train.models.causal_wan import TextContext
 
 D = 8  # key dims: 0-1 NAM relevance under even/odd prompts, 2-3 SMA score of heads 0/1, 4 frame, 5 version
@@ -49,7 +49,7 @@ def sma_score(frame: int, head: int) -> float:
 class ReferenceCache:
     """The rule above, on sets of frames."""
 
-    cfg: MemoryConfig
+    cfg: MemoryPolicy
     held: dict[int, int] = field(default_factory=dict)  # frame -> version held
     bank: list[tuple[int, int]] = field(default_factory=list)
     pending: list[tuple[int, int]] = field(default_factory=list)  # (chunk start, version)
@@ -107,7 +107,7 @@ class ReferenceCache:
         return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if a < b]
 
 
-def reference_rollout(cfg: MemoryConfig, switches: list[int], total: int, steps: int) -> list[Forward]:
+def reference_rollout(cfg: MemoryPolicy, switches: list[int], total: int, steps: int) -> list[Forward]:
     """Every forward of a rollout of `total` frames: `steps` reads and one write per chunk, replays at switches."""
     n = cfg.num_frame_per_block
     ref = ReferenceCache(cfg)
@@ -132,7 +132,7 @@ class FrameTagBackbone:
     def __init__(self) -> None:
         self.forwards: list[Forward] = []
 
-    def new_kv_cache(self, config: MemoryConfig) -> StreamingKVCache:
+    def new_kv_cache(self, config: MemoryPolicy) -> StreamingKVCache:
         return StreamingKVCache(1, config)
 
     @staticmethod

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from memflow_train.benchmarks import attention_backends
-from memflow_train.memory import MemoryConfig
+from memflow_train.memory import NAM
 from memflow_train.models import fused_attention
 from memflow_train.models.attention import get_attention_backend, sdpa_attention
 from tests.wan_helpers import tiny_model
@@ -27,7 +27,7 @@ def test_flex_streaming_equals_sdpa() -> None:
     outs = {}
     for name in ("sdpa", "flex"):
         model.set_attention_backend(name)
-        cache = model.new_kv_cache(MemoryConfig(bank_size=2, record_interval=1, local_attn_size=6))
+        cache = model.new_kv_cache(NAM(bank_size=2, record_interval=1, local_attn_size=6))
         with torch.no_grad():
             outs[name] = [model.forward_chunk(x[:, :, s : s + 3], torch.tensor([500.0]), text, cache, update_cache=True)
                           for s in range(0, 12, 3)]  # fmt: skip

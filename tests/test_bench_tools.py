@@ -11,7 +11,7 @@ import torch
 
 from memflow_train.benchmarks import bank_exposure, cost_growth, dmd_step, memory_overhead
 from memflow_train.benchmarks.tensor_memory import PeakTensorMemory
-from memflow_train.memory import MemoryConfig
+from memflow_train.memory import NAM, MemoryPolicy
 from tests.wan_helpers import tiny_model
 
 MIB = 2**20
@@ -38,8 +38,8 @@ def test_peak_tensor_memory_sees_backward() -> None:
     assert m.peak_bytes >= 2 * w.nbytes  # the product and the gradient
 
 
-@pytest.mark.parametrize("memory", [MemoryConfig(), MemoryConfig(record_interval=1, bank_size=2)])
-def test_history_pool_fills_the_cache_like_fresh_draws(memory: MemoryConfig) -> None:
+@pytest.mark.parametrize("memory", [NAM(), NAM(record_interval=1, bank_size=2)])
+def test_history_pool_fills_the_cache_like_fresh_draws(memory: MemoryPolicy) -> None:
     """Same cache geometry (which frames the bank keeps depends on the random keys, not how many)."""
     model = tiny_model()
     text = model.encode_text(torch.randn(1, 5, 16))
@@ -48,11 +48,12 @@ def test_history_pool_fills_the_cache_like_fresh_draws(memory: MemoryConfig) -> 
         memory_overhead.fill_history(cache, text, 20, (1, 2, 3 * 6, 12), pool=pool)
     for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
         assert (a.next_frame, a.local.start, a.sink.num_frames) == (b.next_frame, b.local.start, b.sink.num_frames)
-        assert len(a.bank) == len(b.bank) == memory.bank_size and len(a.bank.pending) == len(b.bank.pending)
+        assert len(a.memory) == len(b.memory) == memory.bank_size and len(a.memory.pending) == len(b.memory.pending)
 
 
 def test_cost_growth_attended_frames(tmp_path: Path) -> None:
-    """Memory-free and SMA attend sink + window at every depth; NAM adds its bank once it has filled."""
+    """Memory-free and SMA attend sink + window at every depth; NAM adds its bank once it has filled; the per-frame
+    policies (surprise-gated bank, slow-fast memory) hold their budget as soon as 3 frames have left the window."""
     out = tmp_path / "growth.json"
     rows = cost_growth.main(
         ["--preset", "tiny", "--num-layers", "1", "--height", "32", "--width", "32", "--text-len", "8",
@@ -63,8 +64,10 @@ def test_cost_growth_attended_frames(tmp_path: Path) -> None:
         ("off", 5): 12, ("off", 12): 12, ("off", 40): 12,
         ("nam", 5): 12, ("nam", 12): 15, ("nam", 40): 15,
         ("nam_sma", 5): 12, ("nam_sma", 12): 12, ("nam_sma", 40): 12,
+        ("surprise", 5): 15, ("surprise", 12): 15, ("surprise", 40): 15,
+        ("slow_fast", 5): 15, ("slow_fast", 12): 15, ("slow_fast", 40): 15,
     }  # fmt: skip
-    assert len(json.loads(out.read_text())["rows"]) == 9
+    assert len(json.loads(out.read_text())["rows"]) == 15
 
 
 def test_memory_overhead_compares_nam_with_memory_free_of_equal_keys(tmp_path: Path) -> None:
@@ -77,6 +80,7 @@ def test_memory_overhead_compares_nam_with_memory_free_of_equal_keys(tmp_path: P
     assert {k: r["attended_frames"] for k, r in by.items()} == {
         ("off", 5): 12, ("off", 40): 12, ("nam", 5): 12, ("nam", 40): 15,
         ("nam_sma", 5): 12, ("nam_sma", 40): 12, ("off_nam_keys", 5): 15, ("off_nam_keys", 40): 15,
+        ("surprise", 5): 15, ("surprise", 40): 15, ("slow_fast", 5): 15, ("slow_fast", 40): 15,
     }  # fmt: skip
     t = {k: r["seconds_per_chunk"] for k, r in by.items()}
     assert by[("nam", 40)]["vs_memory_free_same_keys"] == pytest.approx(t[("nam", 40)] / t[("off_nam_keys", 40)] - 1)

@@ -242,7 +242,7 @@ def test_an_evaluation_on_cuda_gives_its_memory_back() -> None:
     from callbacks.long_video import EvalProtocol, Evaluator
     from memflow_train.evaluation import FeatureModelSpec
     from memflow_train.generation.pipeline import StreamingVideoPipeline
-    from memflow_train.memory import MemoryConfig
+    from memflow_train.memory import NAM
     from memflow_train.models.causal_wan import CausalWanTransformer
     from memflow_train.models.presets import wan_config
     from memflow_train.models.text_encoder import WanTextEncoder
@@ -250,7 +250,7 @@ def test_an_evaluation_on_cuda_gives_its_memory_back() -> None:
     from memflow_train.sampling import FlowMatchSchedule
 
     device = torch.device("cuda")
-    memory = MemoryConfig(bank_size=2, record_interval=1, local_attn_size=6)
+    memory = NAM(bank_size=2, record_interval=1, local_attn_size=6)
     model = CausalWanTransformer(**wan_config("tiny")).to(device).eval()
     sampler = StreamingGenerator(model, FlowMatchSchedule(5.0), [1000, 750, 500, 250], memory)
     pipeline = StreamingVideoPipeline(

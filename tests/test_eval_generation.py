@@ -11,7 +11,7 @@ import torch
 from memflow_train.evaluation import digest, from_records, generate_traced, read_jsonl, shorten, video_frame_segments
 from memflow_train.generation.narrative import Narrative
 from memflow_train.generation.pipeline import StreamingVideoPipeline
-from memflow_train.memory import MemoryConfig
+from memflow_train.memory import NAM
 from memflow_train.models.causal_wan import CausalWanTransformer
 from memflow_train.models.presets import wan_config
 from memflow_train.models.text_encoder import WanTextEncoder
@@ -20,7 +20,7 @@ from memflow_train.rollout import StreamingGenerator
 from memflow_train.sampling import FlowMatchSchedule
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "memflow_interactive_benchmark.jsonl"
-MEMORY = MemoryConfig(bank_size=2, record_interval=1, local_attn_size=6, sma=True, sma_topk=2)
+MEMORY = NAM(bank_size=2, record_interval=1, local_attn_size=6, sma=True, sma_topk=2)
 
 
 @pytest.mark.skipif(not BENCHMARK.is_file(), reason="the shared benchmark file is not beside the repository")

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from memflow_train.memory import MemoryConfig
+from memflow_train.memory import NAM, MemoryFree
 from memflow_train.memory.window import AttentionWindow
 from memflow_train.methods import FlowMatchingFinetune
 from memflow_train.models.causal_wan import CausalWanTransformer, FramePrompts, TextContext
@@ -65,7 +65,7 @@ def test_segments_give_each_frame_its_prompt_and_bad_input_is_refused() -> None:
         _model()(torch.zeros(2, 4, 5, 4, 4), torch.zeros(2), prompts)
     with pytest.raises(ValueError, match="streaming takes one prompt per chunk"):
         model = _model()
-        model(torch.zeros(2, 4, 3, 4, 4), torch.zeros(2), prompts, cache=model.new_kv_cache(MemoryConfig()))
+        model(torch.zeros(2, 4, 3, 4, 4), torch.zeros(2), prompts, cache=model.new_kv_cache(NAM()))
 
 
 @torch.no_grad()
@@ -74,7 +74,7 @@ def test_a_batch_of_narratives_equals_each_narrative_generated_alone(different: 
     """Samples with their own prompts, switching at the same or at different frames (each recaches only its own
     cache), give what each gives alone."""
     model, g = _model(), torch.Generator().manual_seed(3)
-    memory = MemoryConfig(bank_size=2, record_interval=1, sink_size=3, local_attn_size=6, num_frame_per_block=3)
+    memory = NAM(bank_size=2, record_interval=1, sink_size=3, local_attn_size=6, num_frame_per_block=3)
     sampler = StreamingGenerator(model, FlowMatchSchedule(), [1000], memory)  # one step: no renoising draws
     texts = [model.encode_text(torch.randn(2, 6, 16, generator=g)) for _ in range(3)]
     starts = torch.tensor([[0, 6, 12], [0, 9, 18]] if different else [[0, 6, 12], [0, 6, 12]])
@@ -107,7 +107,7 @@ def test_per_sample_schedules_refuse_what_they_cannot_follow() -> None:
 
 def test_a_recache_that_moves_the_sink_of_some_samples_only_is_refused() -> None:
     model, g = _model(), torch.Generator().manual_seed(4)
-    memory = MemoryConfig(enabled=False, sink_size=3, local_attn_size=6, num_frame_per_block=3, recache_sink="replace")
+    memory = MemoryFree(sink_size=3, local_attn_size=6, num_frame_per_block=3, recache_sink="replace")
     sampler = StreamingGenerator(model, FlowMatchSchedule(), [1000], memory)
     texts = [model.encode_text(torch.randn(2, 6, 16, generator=g)) for _ in range(2)]
     schedule = PromptSchedule.per_sample(texts, torch.tensor([[0, 6], [0, 9]]), torch.ones(2, 2, dtype=torch.bool))
@@ -180,7 +180,7 @@ def test_every_prompt_slot_is_encoded_in_one_forward() -> None:
 
 @pytest.mark.parametrize("attention", ["streaming", "bidirectional"])
 def test_flow_matching_conditions_each_chunk_with_its_prompt(attention: str) -> None:
-    module = FlowMatchingFinetune(model={"preset": "tiny"}, attention=attention, memory=MemoryConfig(record_interval=1))
+    module = FlowMatchingFinetune(model={"preset": "tiny"}, attention=attention, memory=NAM(record_interval=1))
     batch = _narrative_batch(3)
     with torch.no_grad():
         embeds, mask, starts = module._prompts(batch)

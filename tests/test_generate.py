@@ -15,7 +15,8 @@ from memflow_train.generation import Mp4Writer, StreamingVideoPipeline, read_nar
 from memflow_train.generation.build import recipe_from_config, with_memory_flags
 from memflow_train.generation.cli import main
 from memflow_train.generation.narrative import Narrative, narrative_from_record
-from memflow_train.memory import MemoryConfig
+from memflow_train.memory import NAM, MemoryFree, MemoryPolicy
+from memflow_train.memory.policy import plain_policy
 from memflow_train.models.causal_wan import CausalWanTransformer
 from memflow_train.models.presets import wan_config
 from memflow_train.models.text_encoder import WanTextEncoder
@@ -37,7 +38,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _pipeline(models: Path, memory: MemoryConfig, latent_size=(4, 4)) -> StreamingVideoPipeline:
+def _pipeline(models: Path, memory: MemoryPolicy, latent_size=(4, 4)) -> StreamingVideoPipeline:
     torch.manual_seed(0)
     model = CausalWanTransformer(**wan_config("tiny")).eval()
     sampler = StreamingGenerator(model, FlowMatchSchedule(5.0), [1000, 750, 500, 250], memory)
@@ -50,7 +51,7 @@ def _read(path: Path) -> torch.Tensor:
         return torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in c.decode(c.streams.video[0])])
 
 
-DEMO_MEMORY = MemoryConfig(bank_size=2, record_interval=1, local_attn_size=6, sma=True, sma_topk=2)
+DEMO_MEMORY = NAM(bank_size=2, record_interval=1, local_attn_size=6, sma=True, sma_topk=2)
 
 
 # ----------------------------------------------------------------------------------- narratives
@@ -92,11 +93,11 @@ def test_narrative_errors(tmp_path: Path, line: str, message: str) -> None:
 
 
 def test_memory_flags() -> None:
-    base = MemoryConfig(bank_size=2, sma=True)
+    base = NAM(bank_size=2, sma=True)
     assert with_memory_flags(base, "off", bank_size=None).enabled is False
     on = with_memory_flags(base, "on", sink_size=1)
     assert on.enabled and not on.sma and on.sink_size == 1 and on.bank_size == 2
-    assert with_memory_flags(MemoryConfig(), "sma", sma_topk=2).sma_topk == 2
+    assert with_memory_flags(NAM(), "sma", sma_topk=2).sma_topk == 2
     assert recipe_from_config(DEMO).memory == DEMO_MEMORY
 
 
@@ -164,8 +165,8 @@ def test_whole_chunks_required(models: Path) -> None:
         list(_pipeline(models, DEMO_MEMORY).chunks(Narrative(("a",), (), 10)))
 
 
-@pytest.mark.parametrize("memory", [DEMO_MEMORY, replace(DEMO_MEMORY, sma=False), MemoryConfig(enabled=False)])
-def test_peak_memory_does_not_grow_with_length(models: Path, tmp_path: Path, memory: MemoryConfig) -> None:
+@pytest.mark.parametrize("memory", [DEMO_MEMORY, replace(DEMO_MEMORY, sma=False), MemoryFree()])
+def test_peak_memory_does_not_grow_with_length(models: Path, tmp_path: Path, memory: MemoryPolicy) -> None:
     """Tensor memory at its peak is the same for a video 3x longer (a sink keeping the frames would grow)."""
     pipe = _pipeline(models, memory, latent_size=(2, 2))
 
@@ -211,7 +212,8 @@ def test_command_writes_the_video(models: Path, tmp_path: Path, capfd: pytest.Ca
     info = json.loads((out / "0000.json").read_text())
     assert info["prompt_start_latent_frames"] == [0, 6, 12]
     assert info["prompt_start_video_frames"] == [0, 21, 45]  # latent frame f starts at video frame 4f - 3
-    assert info["memory"]["sma"] and info["memory"]["bank_size"] == 2  # demo.yaml's memory
+    assert info["memory"]["class_path"] == "memflow_train.memory.nam.NAM"
+    assert info["memory"]["init_args"]["sma"] and info["memory"]["init_args"]["bank_size"] == 2  # demo.yaml's
     assert "Loading weights" not in capfd.readouterr().err  # transformers' per-load bar is not shown
 
 
@@ -231,7 +233,7 @@ def test_command_checkpoint_and_memory_flags(models: Path, tmp_path: Path) -> No
     config, ckpt, off = (_read(tmp_path / f"{n}.mp4") for n in ("config", "ckpt", "off"))
     assert torch.equal(config, ckpt)
     assert config.shape == off.shape == (93, 32, 32, 3) and not torch.equal(config, off)
-    assert json.loads((tmp_path / "off.json").read_text())["memory"]["enabled"] is False
+    assert json.loads((tmp_path / "off.json").read_text())["memory"]["class_path"].endswith(".MemoryFree")
 
 
 def test_command_errors(models: Path, tmp_path: Path) -> None:
@@ -254,11 +256,9 @@ def test_command_errors(models: Path, tmp_path: Path) -> None:
 
 def test_command_takes_settings_from_a_lightning_checkpoint(models: Path, tmp_path: Path) -> None:
     """A training checkpoint alone gives the generator (EMA weights), its memory and its latent size."""
-    from dataclasses import asdict
-
     from tests.method_helpers import dmd_module, fit
 
-    memory = MemoryConfig(record_interval=1, bank_size=2, sma=True, sma_topk=1)
+    memory = NAM(record_interval=1, bank_size=2, sma=True, sma_topk=1)
     module = dmd_module(memory=memory, ema_decay=0.5, ema_start_step=0, latent_size=(2, 4))
     fit(module, steps=1).save_checkpoint(tmp_path / "last.ckpt")
     prompts = tmp_path / "p.txt"
@@ -266,7 +266,7 @@ def test_command_takes_settings_from_a_lightning_checkpoint(models: Path, tmp_pa
     (stats,) = main([str(prompts), "--checkpoint", str(tmp_path / "last.ckpt"), "--text-encoder", str(models),
                      "--num-frames", "9", "--output", str(tmp_path / "v.mp4"), "--no-progress"])  # fmt: skip
     assert _read(tmp_path / "v.mp4").shape == (stats.video_frames, 16, 32, 3) == (33, 16, 32, 3)
-    assert json.loads((tmp_path / "v.json").read_text())["memory"] == asdict(memory)
+    assert json.loads((tmp_path / "v.json").read_text())["memory"] == plain_policy(memory)
 
 
 @pytest.mark.parametrize(

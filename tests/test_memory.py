@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memflow_train.memory import AttentionWindow, LayerKVCache, MemoryConfig, TextKeys, frame_relevance
+from memflow_train.memory import NAM, AttentionWindow, LayerKVCache, MemoryFree, MemoryPolicy, TextKeys, frame_relevance
 from memflow_train.memory.sma import select_memory_frames
 from memflow_train.models.attention import register_attention_backend
 from tests.wan_helpers import tiny_inputs, tiny_model
@@ -36,7 +36,7 @@ def _stream(cache: LayerKVCache, frames: list[torch.Tensor], prompts: list[TextK
 
 
 def _bank_frames(cache: LayerKVCache) -> list[set[int]]:
-    return [set(row.tolist()) for row in cache.bank.frames]
+    return [set(row.tolist()) for row in cache.memory.held]
 
 
 @pytest.mark.parametrize("softmax", [False, True])
@@ -44,7 +44,7 @@ def test_planted_frame_is_retrieved_and_switch_follows_new_prompt(softmax: bool)
     a, b = torch.zeros(D), torch.zeros(D)
     a[0], b[1] = 1.0, 1.0
     prompt_a, prompt_b = _prompt(a), _prompt(b)
-    cfg = MemoryConfig(
+    cfg = NAM(
         bank_size=2, record_interval=1, relevance_softmax=softmax, sink_size=0, local_attn_size=2, num_frame_per_block=1
     )
     cache = LayerKVCache(cfg)
@@ -84,27 +84,27 @@ def test_relevance_merge_prototype_weights_frames_by_text_relevance() -> None:
     a = torch.zeros(D)
     a[0] = 1.0
     text = _prompt(a)
-    cfg = MemoryConfig(prototype="relevance_merge", record_interval=1, sink_size=0, local_attn_size=3)
+    cfg = NAM(prototype="relevance_merge", record_interval=1, sink_size=0, local_attn_size=3)
     cache = LayerKVCache(cfg)
     k = torch.stack([_frame(), _frame(a), _frame()], 2).flatten(2, 3)  # (B, H, 3*T, D)
     v = torch.randn_like(k)
     cache.append(k, v, 0, 3, text)
-    cand = cache.bank.pending[0]
+    cand = cache.memory.pending[0]
     kf, vf = k.unflatten(2, (3, -1)), v.unflatten(2, (3, -1))
     w = frame_relevance(kf, text).softmax(-1)[:, None, :, None, None]
     assert torch.allclose(cand.k, (kf * w).sum(2), atol=1e-6)
     assert torch.allclose(cand.v, (vf * w).sum(2), atol=1e-6)
     assert (w[:, 0].squeeze(-1).squeeze(-1).argmax(-1) == 1).all()  # the frame matching the prompt weighs most
-    first = LayerKVCache(MemoryConfig(record_interval=1, sink_size=0, local_attn_size=3))
+    first = LayerKVCache(NAM(record_interval=1, sink_size=0, local_attn_size=3))
     first.append(k, v, 0, 3, text)
-    assert torch.equal(first.bank.pending[0].k, kf[:, :, 0])
+    assert torch.equal(first.memory.pending[0].k, kf[:, :, 0])
 
 
 def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
 
 
-def _filled_cache(cfg: MemoryConfig, chunks: int) -> tuple[LayerKVCache, TextKeys]:
+def _filled_cache(cfg: MemoryPolicy, chunks: int) -> tuple[LayerKVCache, TextKeys]:
     text = _prompt(torch.randn(D))
     cache = LayerKVCache(cfg)
     n = cfg.num_frame_per_block
@@ -117,16 +117,16 @@ def _filled_cache(cfg: MemoryConfig, chunks: int) -> tuple[LayerKVCache, TextKey
 
 
 def test_sma_with_large_k_equals_dense_attention_over_sink_bank_window() -> None:
-    dense_cfg = MemoryConfig(bank_size=3, record_interval=1, sink_size=3, local_attn_size=6)
+    dense_cfg = NAM(bank_size=3, record_interval=1, sink_size=3, local_attn_size=6)
     torch.manual_seed(1)
     dense, _ = _filled_cache(dense_cfg, chunks=8)
     torch.manual_seed(1)
-    sparse, _ = _filled_cache(MemoryConfig(**{**dense_cfg.__dict__, "sma": True, "sma_topk": 6}), chunks=8)
-    assert len(dense.bank) == 3
+    sparse, _ = _filled_cache(NAM(**{**dense_cfg.__dict__, "sma": True, "sma_topk": 6}), chunks=8)
+    assert len(dense.memory) == 3
     q, k, v = (torch.randn(B, H, 3 * T, D) for _ in range(3))
     sink, window = dense.visible_runs(24, 3)
-    keys = torch.cat([sink[0].k, dense.bank.k.flatten(2, 3), *[r.k for r in window], k], 2)
-    values = torch.cat([sink[0].v, dense.bank.v.flatten(2, 3), *[r.v for r in window], v], 2)
+    keys = torch.cat([sink[0].k, dense.memory.k.flatten(2, 3), *[r.k for r in window], k], 2)
+    values = torch.cat([sink[0].v, dense.memory.v.flatten(2, 3), *[r.v for r in window], v], 2)
     expected = _dense(q, keys, values)
     for cache in (dense, sparse):
         got = torch.nn.functional.scaled_dot_product_attention(q, *cache.kv_for_attention(q, k, v, 24, 3))
@@ -135,7 +135,7 @@ def test_sma_with_large_k_equals_dense_attention_over_sink_bank_window() -> None
 
 @pytest.mark.parametrize("include_sink", [True, False])
 def test_sma_with_small_k_equals_dense_attention_over_selected_frames(include_sink: bool) -> None:
-    cfg = MemoryConfig(
+    cfg = NAM(
         bank_size=3,
         record_interval=1,
         sink_size=3,
@@ -150,7 +150,7 @@ def test_sma_with_small_k_equals_dense_attention_over_selected_frames(include_si
 
     sink, window = cache.visible_runs(24, 3)
     sink_k, sink_v = sink[0].k.unflatten(2, (3, T)), sink[0].v.unflatten(2, (3, T))
-    bank_k, bank_v = cache.bank.k, cache.bank.v
+    bank_k, bank_v = cache.memory.k, cache.memory.v
     for b in range(B):
         for h in range(H):
             cand_k = [sink_k[b, h, i] for i in range(3)] * include_sink + [bank_k[b, h, i] for i in range(3)]
@@ -168,7 +168,7 @@ def test_sma_with_small_k_equals_dense_attention_over_selected_frames(include_si
 def test_sma_kept_candidates_follow_the_bank_rewinds_and_reloads_without_a_second_copy() -> None:
     """SMA keeps sink + bank as one tensor between calls. Every call must still equal the selection over
     freshly concatenated candidates while the bank changes, after a rewind and after a state reload."""
-    cfg = MemoryConfig(bank_size=2, record_interval=1, sink_size=3, local_attn_size=6, sma=True, sma_topk=2)
+    cfg = NAM(bank_size=2, record_interval=1, sink_size=3, local_attn_size=6, sma=True, sma_topk=2)
     text = _prompt(torch.randn(D))
     cache = LayerKVCache(cfg)
 
@@ -176,7 +176,7 @@ def test_sma_kept_candidates_follow_the_bank_rewinds_and_reloads_without_a_secon
         q, k, v = (torch.randn(B, H, 3 * T, D) for _ in range(3))
         got_k, got_v = cache.kv_for_attention(q, k, v, start, 3)
         sink, window = cache.visible_runs(start, 3)
-        bank = [(cache.bank.k, cache.bank.v)] if len(cache.bank) else []
+        bank = [(cache.memory.k, cache.memory.v)] if len(cache.memory) else []
         cand = [(r.frames_view(r.k), r.frames_view(r.v)) for r in sink] + bank
         memory_k, memory_v = [], []
         if cand:  # none while the first chunk is written
@@ -190,8 +190,8 @@ def test_sma_kept_candidates_follow_the_bank_rewinds_and_reloads_without_a_secon
     for c in range(10):
         cache.prepare(3 * c, 3, text)
         check(3 * c)
-    assert len(cache.bank) == 2
-    assert cache.sink.k.untyped_storage().data_ptr() == cache.bank.k.untyped_storage().data_ptr()
+    assert len(cache.memory) == 2
+    assert cache.sink.k.untyped_storage().data_ptr() == cache.memory.k.untyped_storage().data_ptr()
     cache.rewind(24)
     for c in (8, 9):
         cache.prepare(3 * c, 3, text)
@@ -224,9 +224,9 @@ def test_memory_off_reproduces_plain_sink_window_streaming_exactly() -> None:
     outputs = {}
     for name, cfg in {
         "window": AttentionWindow(3, 9, 3),
-        "off": MemoryConfig(enabled=False),
-        "nam": MemoryConfig(),
-        "nam_sma": MemoryConfig(sma=True),
+        "off": MemoryFree(),
+        "nam": NAM(),
+        "nam_sma": NAM(sma=True),
     }.items():
         cache = model.new_kv_cache(cfg)
         with torch.no_grad():
@@ -257,7 +257,7 @@ def test_memory_is_bounded_after_100_chunks(sma: bool) -> None:
     model = tiny_model()
     counts = _key_counter()
     model.set_attention_backend("test-counting")
-    cfg = MemoryConfig(sma=sma, sma_topk=2, record_interval=1)
+    cfg = NAM(sma=sma, sma_topk=2, record_interval=1)
     cache = model.new_kv_cache(cfg)
     x, _, text = tiny_inputs(frames=3)
     ctx = model.encode_text(text)
@@ -270,14 +270,14 @@ def test_memory_is_bounded_after_100_chunks(sma: bool) -> None:
             model.forward_chunk(x, torch.zeros(1), ctx, cache, update_cache=True)
             sizes.append(cache.nbytes())
             for layer in cache.layers:
-                bank = layer.bank
+                bank = layer.memory
                 assert bank.k is None or bank.k.shape[2] <= cfg.bank_size
                 assert len(bank.pending) <= cfg.local_attn_size // cfg.num_frame_per_block + 1
                 if len(bank):  # a frame is never both in the bank and in view otherwise
-                    assert (bank.frames < layer.local.start).all() and (bank.frames >= cfg.sink_size).all()
-                    assert all(len(set(row.tolist())) == len(row) for row in bank.frames)
+                    assert (bank.held < layer.local.start).all() and (bank.held >= cfg.sink_size).all()
+                    assert all(len(set(row.tolist())) == len(row) for row in bank.held)
     assert cache.next_frame == 300
-    assert all(len(layer.bank) == cfg.bank_size for layer in cache.layers)
+    assert all(len(layer.memory) == cfg.bank_size for layer in cache.layers)
     assert sizes[-1] == sizes[50]  # steady state: the cache does not grow
     limit = cfg.max_attended_frames * tokens_per_frame
     assert max(counts) <= limit
@@ -286,7 +286,7 @@ def test_memory_is_bounded_after_100_chunks(sma: bool) -> None:
 
 def test_memory_state_roundtrip_continues_identically() -> None:
     model = tiny_model()
-    cfg = MemoryConfig(sma=True, sma_topk=2, record_interval=1)
+    cfg = NAM(sma=True, sma_topk=2, record_interval=1)
     x, t, text = tiny_inputs(frames=36)
     ctx = model.encode_text(text)
     cache = model.new_kv_cache(cfg)
@@ -299,31 +299,31 @@ def test_memory_state_roundtrip_continues_identically() -> None:
             a = model.forward_chunk(x[:, :, s : s + 3], t[:, s : s + 3], ctx, cache, update_cache=True)
             b = model.forward_chunk(x[:, :, s : s + 3], t[:, s : s + 3], ctx, restored, update_cache=True)
             assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="memory bank is enabled"):
-        model.new_kv_cache(MemoryConfig(enabled=False)).load_state_dict(cache.state_dict())
+    with pytest.raises(ValueError, match="disagree on whether a memory is kept"):
+        model.new_kv_cache(MemoryFree()).load_state_dict(cache.state_dict())
 
 
 def test_memory_runs_in_bf16() -> None:
     from memflow_train.models.causal_wan import cast_keeping_fp32
 
     model = cast_keeping_fp32(tiny_model(), torch.bfloat16)
-    cache = model.new_kv_cache(MemoryConfig(sma=True, sma_topk=2, record_interval=1, prototype="relevance_merge"))
+    cache = model.new_kv_cache(NAM(sma=True, sma_topk=2, record_interval=1, prototype="relevance_merge"))
     x, _, text = tiny_inputs(frames=3)
     ctx = model.encode_text(text.bfloat16())
     with torch.no_grad():
         for _ in range(8):
             out = model.forward_chunk(x.bfloat16(), torch.zeros(1), ctx, cache, update_cache=True)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    assert len(cache[0].bank) == 3 and cache[0].bank.k.dtype == torch.bfloat16
+    assert len(cache[0].memory) == 3 and cache[0].memory.k.dtype == torch.bfloat16
 
 
 def test_rewind_for_recache_replays_the_window_under_sink_and_earlier_replayed_frames() -> None:
-    cfg = MemoryConfig(record_interval=1)
+    cfg = NAM(record_interval=1)
     cache, text = _filled_cache(cfg, chunks=8)  # frames 0..23 written; window holds 18..23; bank < 18
-    assert cache.local.start == 18 and cache.next_frame == 24 and len(cache.bank) == 3
+    assert cache.local.start == 18 and cache.next_frame == 24 and len(cache.memory) == 3
     cache.rewind(18)  # re-encode the whole window (e.g. under a new prompt)
     assert cache.next_frame == 18 and cache.local is None
-    assert all(c.source_stop <= 18 for c in cache.bank.pending)
+    assert all(c.source_stop <= 18 for c in cache.memory.pending)
     sink, window = cache.visible_runs(18, 3)  # the first replayed chunk sees the sink (and the bank) only
     assert [(r.start, r.num_frames) for r in sink] == [(0, 3)] and window == []
     k = torch.randn(B, H, 3 * T, D)
@@ -338,15 +338,15 @@ def test_rewind_for_recache_replays_the_window_under_sink_and_earlier_replayed_f
 
 def test_bad_memory_configs_name_the_key() -> None:
     with pytest.raises(ValueError, match="bank_size"):
-        MemoryConfig(bank_size=0)
+        NAM(bank_size=-1)
     with pytest.raises(ValueError, match="record_interval"):
-        MemoryConfig(record_interval=0)
+        NAM(record_interval=0)
     with pytest.raises(ValueError, match="prototype"):
-        MemoryConfig(prototype="mean")
+        NAM(prototype="mean")
     with pytest.raises(ValueError, match="sma_topk"):
-        MemoryConfig(sma=True, sma_topk=0)
+        NAM(sma=True, sma_topk=0)
     with pytest.raises(ValueError, match="unbounded"):
-        MemoryConfig(local_attn_size=-1)
+        NAM(local_attn_size=-1)
     with pytest.raises(ValueError, match="local_attn_size"):
-        MemoryConfig(local_attn_size=2, num_frame_per_block=3)
-    MemoryConfig(enabled=False, local_attn_size=-1, sink_size=0)  # memory-free, unbounded: fine
+        NAM(local_attn_size=2, num_frame_per_block=3)
+    MemoryFree(local_attn_size=-1, sink_size=0)  # memory-free, unbounded: fine

@@ -25,7 +25,7 @@ from memflow_train.evaluation.features import FeatureModelSpec
 from memflow_train.export import main as export_main
 from memflow_train.generation.build import Recipe, load_generator, load_text_encoder, with_memory_flags
 from memflow_train.generation.cli import main as generate_main
-from memflow_train.memory import MemoryConfig
+from memflow_train.memory import NAM
 from memflow_train.methods.specs import BackboneSpec, TextEncoderSpec
 from memflow_train.models.loading import load_transformer
 from memflow_train.models.text_encoder import WanTextEncoder
@@ -74,15 +74,15 @@ def test_the_evaluation_callback_refuses_bad_numbers(overrides: dict, message: s
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"enabled": False, "bank_size": -4}, "memory.bank_size must be >= 1, got -4"),
-        ({"enabled": False, "record_interval": 0}, "memory.record_interval must be >= 1, got 0"),
+        ({"bank_size": -4}, "memory.bank_size must be >= 0, got -4"),
+        ({"record_interval": 0}, "memory.record_interval must be >= 1, got 0"),
         ({"sma": False, "sma_topk": 0}, "memory.sma_topk must be >= 1, got 0"),
     ],
 )
 def test_memory_ranges_hold_whatever_the_mode(settings: dict, message: str) -> None:
     """A memory-free config skipped every range check, so a later --memory on met bank_size -4."""
     with pytest.raises(ValueError, match=message):
-        MemoryConfig(**settings)
+        NAM(**settings)
 
 
 @pytest.mark.parametrize(
@@ -97,15 +97,17 @@ def test_memory_ranges_hold_whatever_the_mode(settings: dict, message: str) -> N
 )  # fmt: skip
 def test_memory_flags_the_mode_does_not_read_are_refused(mode: str | None, knobs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        with_memory_flags(MemoryConfig(), mode, **knobs)
-    assert with_memory_flags(MemoryConfig(), "off", sink_size=1, recache="joint").sink_size == 1  # still read
+        with_memory_flags(NAM(), mode, **knobs)
+    assert with_memory_flags(NAM(), "off", sink_size=1, recache="joint").sink_size == 1  # still read
 
 
 def test_generation_refuses_memory_flags_before_loading_models(tmp_path: Path) -> None:
     (tmp_path / "n.txt").write_text("a\n")
     args = [str(tmp_path / "n.txt"), "--config", str(DEMO), "--output", str(tmp_path / "o"), "--num-frames", "6"]
-    with pytest.raises(ValueError, match="memory.bank_size must be >= 1, got -4"):
+    with pytest.raises(ValueError, match="--bank-size -4, --record-interval 0: no effect, the memory is off"):
         generate_main([*args, "--memory", "off", "--bank-size", "-4", "--record-interval", "0"])
+    with pytest.raises(ValueError, match="memory.bank_size must be >= 0, got -4"):
+        generate_main([*args, "--memory", "on", "--bank-size", "-4"])
     with pytest.raises(ValueError, match="--sma-topk 1: no effect, SMA is off"):
         generate_main([*args, "--memory", "on", "--sma-topk", "1"])
 
@@ -314,7 +316,7 @@ def test_max_skipped_updates_may_change_at_resume(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("section", "key", "suggestion"),
     [
-        (["model", "init_args", "memory"], "bank_sise", "model.init_args.memory.bank_size"),
+        (["model", "init_args", "memory", "init_args"], "bank_sise", "model.init_args.memory.init_args.bank_size"),
         (["model", "init_args", "generator_optimizer"], "lrr", "model.init_args.generator_optimizer.lr"),
         (["model", "init_args"], "num_frame", "model.init_args.num_frames"),
         (["trainer"], "max_step", "trainer.max_steps"),

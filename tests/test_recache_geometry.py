@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from memflow_train.memory import MemoryConfig
+from memflow_train.memory import NAM, MemoryFree, MemoryPolicy
 from memflow_train.models.attention import register_attention_backend
 from memflow_train.rollout import PromptSchedule, StreamingGenerator
 from memflow_train.sampling import FlowMatchSchedule
@@ -17,15 +17,15 @@ from tests.wan_helpers import tiny_model
 STEPS = [1000]  # one denoising forward and one cache write per chunk
 
 
-def _memories(sink: int, window: int, chunk: int) -> list[MemoryConfig]:
+def _memories(sink: int, window: int, chunk: int) -> list[MemoryPolicy]:
     geometry = {"sink_size": sink, "local_attn_size": window, "num_frame_per_block": chunk}
-    configs = [MemoryConfig(enabled=False, **geometry)]
+    configs = [MemoryFree(**geometry)]
     for bank, sma, interval in itertools.product((2, 3), (False, True), (1, 3)):
-        configs.append(MemoryConfig(bank_size=bank, sma=sma, sma_topk=2, record_interval=interval, **geometry))
+        configs.append(NAM(bank_size=bank, sma=sma, sma_topk=2, record_interval=interval, **geometry))
     return configs
 
 
-def _run(memory: MemoryConfig, switches: list[int], total: int) -> list:
+def _run(memory: MemoryPolicy, switches: list[int], total: int) -> list:
     probe = FrameTagBackbone()
     sampler = StreamingGenerator(probe, FlowMatchSchedule(), STEPS, memory)
     prompts = PromptSchedule([(0, probe.prompt(0))] + [(s, probe.prompt(i + 1)) for i, s in enumerate(switches)])
@@ -33,7 +33,7 @@ def _run(memory: MemoryConfig, switches: list[int], total: int) -> list:
     return probe.forwards
 
 
-def _total(switches: list[int], memory: MemoryConfig) -> int:
+def _total(switches: list[int], memory: MemoryPolicy) -> int:
     n = memory.num_frame_per_block
     return (-(-max(switches) // n) + memory.local_attn_size // n + 2) * n
 
@@ -61,7 +61,7 @@ def _first_difference(got: list, expected: list) -> tuple:
 
 def test_early_switch_replay_sees_the_sink_as_normal_generation_did() -> None:
     """The reported case: sink 3, window 9, chunk 3, switch at frame 9."""
-    got = _run(MemoryConfig(enabled=False), [9], 15)
+    got = _run(MemoryFree(), [9], 15)
     by_start = [(start, list(attended[0])) for start, _, attended in got]
     # normal generation: chunk 3-5 sees 0-2, chunk 6-8 sees 0-5 (all under prompt 0)
     assert by_start[2] == (3, [(0, 0), (1, 0), (2, 0)])
@@ -107,13 +107,13 @@ def _real_forwards(model, sampler: StreamingGenerator, texts: list, switch: int,
 @pytest.mark.parametrize(
     "memory",
     [
-        MemoryConfig(enabled=False),
-        MemoryConfig(bank_size=40, record_interval=1),  # never full: what it holds does not depend on scores
-        MemoryConfig(enabled=False, sink_size=1, local_attn_size=6),
-        MemoryConfig(bank_size=40, record_interval=1, sink_size=3, local_attn_size=6, num_frame_per_block=1),
+        MemoryFree(),
+        NAM(bank_size=40, record_interval=1),  # never full: what it holds does not depend on scores
+        MemoryFree(sink_size=1, local_attn_size=6),
+        NAM(bank_size=40, record_interval=1, sink_size=3, local_attn_size=6, num_frame_per_block=1),
     ],
 )
-def test_the_real_backbone_attends_what_the_rule_says(memory: MemoryConfig) -> None:
+def test_the_real_backbone_attends_what_the_rule_says(memory: MemoryPolicy) -> None:
     """The same property through the real tiny Wan backbone: frames are identified by their keys in the
     second block (which depend on the prompt through the first block's cross-attention)."""
     torch.manual_seed(0)

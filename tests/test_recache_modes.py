@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memflow_train.memory import MemoryConfig
+from memflow_train.memory import NAM, MemoryFree, MemoryPolicy
 from memflow_train.memory.recache import RecachePlan, plan_recache
 from memflow_train.rollout import PromptSchedule, StreamingGenerator
 from memflow_train.sampling import FlowMatchSchedule
@@ -17,7 +17,7 @@ from tests.recache_reference import FrameTagBackbone, nam_score
 from tests.wan_helpers import tiny_model
 
 
-def _forwards(memory: MemoryConfig, switches: list[int], total: int) -> list[tuple[int, int, list]]:
+def _forwards(memory: MemoryPolicy, switches: list[int], total: int) -> list[tuple[int, int, list]]:
     """(first frame, frames, head 0's attended (frame, version)) of every forward; one read + one write a chunk."""
     probe = FrameTagBackbone()
     sampler = StreamingGenerator(probe, FlowMatchSchedule(), [1000], memory)
@@ -43,10 +43,10 @@ def _bank(chunk_start: int, attended: list) -> list[int]:
 def test_record_cadence_every_chunk_rewrites_the_open_slot_then_retrieves_every_chunk() -> None:
     """bank 3, record_interval 3: groups of 9 frames. A candidate (a chunk's first frame) joins once its
     chunk left the window, i.e. at the chunk 9 frames later."""
-    interval = _chunks(_forwards(MemoryConfig(bank_size=3, record_interval=3), [], 21))
+    interval = _chunks(_forwards(NAM(bank_size=3, record_interval=3), [], 21))
     # ours: candidates on chunks 3 and 6 only (frames 9, 18); frame 9 joins at chunk 18: a bank in 1 of 7 chunks
     assert {s: _bank(s, a) for s, a in interval.items()} == {0: [], 3: [], 6: [], 9: [], 12: [], 15: [], 18: [9]}
-    every = _chunks(_forwards(MemoryConfig(bank_size=3, record_interval=3, record_cadence="every_chunk"), [], 45))
+    every = _chunks(_forwards(NAM(bank_size=3, record_interval=3, record_cadence="every_chunk"), [], 45))
     top2 = sorted(sorted([6, 15, 18], key=lambda f: -nam_score(f, 0))[:2])
     assert top2 == [15, 18]  # the planted relevance to prompt 0 the retrievals below follow
     expected = {
@@ -69,7 +69,7 @@ def test_record_cadence_every_chunk_rewrites_the_open_slot_then_retrieves_every_
 def test_recache_joint_reencodes_sink_plus_window_frames_in_one_forward() -> None:
     """Switch at 18: the official span is the last sink + window = 12 frames [6, 18) in ONE forward that
     attends the sink (kept) and itself; the cache keeps what the window holds, [12, 18)."""
-    memory = MemoryConfig(enabled=False, recache="joint")
+    memory = MemoryFree(recache="joint")
     forwards = _forwards(memory, [18], 27)
     replay = [f for f in forwards if f[1] != 3]
     assert replay == [(6, 12, _v(range(3), 0))]
@@ -77,7 +77,7 @@ def test_recache_joint_reencodes_sink_plus_window_frames_in_one_forward() -> Non
     assert chunks[18] == _v(range(3), 0) + _v(range(12, 18), 1)
     assert chunks[21] == _v(range(3), 0) + _v(range(15, 21), 1)
     # chunkwise (ours): the held frames 12-17 replayed chunk by chunk, block-causally
-    chunkwise = _forwards(MemoryConfig(enabled=False), [18], 27)
+    chunkwise = _forwards(MemoryFree(), [18], 27)
     assert chunkwise[12:14] == [(12, 3, _v(range(3), 0)), (15, 3, _v(range(3), 0) + _v(range(12, 15), 1))]
     assert _chunks(chunkwise)[18] == chunks[18]
     # early switch at 9: the span stops at the kept sink, [3, 9)
@@ -88,7 +88,7 @@ def test_recache_joint_reencodes_sink_plus_window_frames_in_one_forward() -> Non
 @pytest.mark.parametrize("recache", ["chunkwise", "joint"])
 def test_recache_sink_reencode_early_reencodes_the_sink_only_within_sink_plus_window(recache: str) -> None:
     """MemFlow's global_sink true: a switch at 9 (<= 3 + 9) re-encodes from frame 0; at 15 the sink stays."""
-    memory = MemoryConfig(enabled=False, recache=recache, recache_sink="reencode_early")
+    memory = MemoryFree(recache=recache, recache_sink="reencode_early")
     forwards = _forwards(memory, [9], 15)
     replays = forwards[6:-4]  # after chunks 0, 3, 6; before chunks 9 and 12
     if recache == "chunkwise":
@@ -104,7 +104,7 @@ def test_recache_sink_reencode_early_reencodes_the_sink_only_within_sink_plus_wi
 def test_recache_sink_replace_makes_the_first_reencoded_frames_the_sink(recache: str) -> None:
     """LongLive's global_sink false: the old sink is dropped; the first 3 re-encoded frames are the sink
     for the rest of the video (joint: span [6, 18) -> sink 6-8; chunkwise: span [12, 18) -> sink 12-14)."""
-    memory = MemoryConfig(enabled=False, recache=recache, recache_sink="replace")
+    memory = MemoryFree(recache=recache, recache_sink="replace")
     forwards = _forwards(memory, [18], 30)
     sink = range(6, 9) if recache == "joint" else range(12, 15)
     chunks = _chunks(forwards)
@@ -119,18 +119,18 @@ def test_recache_sink_replace_makes_the_first_reencoded_frames_the_sink(recache:
 
 
 def test_recache_plans_name_their_frames() -> None:
-    off = MemoryConfig(enabled=False)
+    off = MemoryFree()
     assert plan_recache(off, 18) == RecachePlan(12, ((12, 15), (15, 18)))
     assert plan_recache(off, 3) == RecachePlan(3, ())  # only sink frames: nothing to re-encode
-    one = MemoryConfig(enabled=False, sink_size=1, local_attn_size=9)
+    one = MemoryFree(sink_size=1, local_attn_size=9)
     assert plan_recache(one, 6) == RecachePlan(1, ((1, 3), (3, 6)))  # a chunk's tail, then whole chunks
-    assert plan_recache(MemoryConfig(enabled=False, recache="joint"), 30) == RecachePlan(24, ((18, 30),))
+    assert plan_recache(MemoryFree(recache="joint"), 30) == RecachePlan(24, ((18, 30),))
     with pytest.raises(ValueError, match="multiple of 3"):
         plan_recache(off, 10)
     with pytest.raises(ValueError, match="memory-free"):
-        MemoryConfig(recache_sink="replace")
+        NAM(recache_sink="replace")
     with pytest.raises(ValueError, match="recache must be one of"):
-        MemoryConfig(recache="blockwise")
+        NAM(recache="blockwise")
 
 
 def test_context_noise_schedule_table_noises_the_cache_write_at_the_table_sigma() -> None:
@@ -140,7 +140,7 @@ def test_context_noise_schedule_table_noises_the_cache_write_at_the_table_sigma(
     model = tiny_model()
     inputs: dict[str, list] = {"none": [], "schedule_table": []}
     for mode, seen in inputs.items():
-        sampler = StreamingGenerator(model, schedule, [1000], MemoryConfig(enabled=False, context_noise=mode))
+        sampler = StreamingGenerator(model, schedule, [1000], MemoryFree(context_noise=mode))
         original = model.forward_chunk
 
         def spy(x, t, text, cache, _seen=seen, _original=original, **kw):
@@ -167,11 +167,11 @@ def test_context_noise_schedule_table_noises_the_cache_write_at_the_table_sigma(
 @pytest.mark.parametrize(
     "memory",
     [
-        MemoryConfig(enabled=False, recache="joint", recache_sink="replace"),
-        MemoryConfig(bank_size=2, record_interval=1, record_cadence="every_chunk", recache_sink="reencode_early"),
+        MemoryFree(recache="joint", recache_sink="replace"),
+        NAM(bank_size=2, record_interval=1, record_cadence="every_chunk", recache_sink="reencode_early"),
     ],
 )
-def test_a_stream_saved_after_a_parity_recache_continues_identically(memory: MemoryConfig) -> None:
+def test_a_stream_saved_after_a_parity_recache_continues_identically(memory: MemoryPolicy) -> None:
     probe = FrameTagBackbone()
     sampler = StreamingGenerator(probe, FlowMatchSchedule(), [1000], memory)
     prompts = PromptSchedule([(0, probe.prompt(0)), (9, probe.prompt(1)), (27, probe.prompt(2))])

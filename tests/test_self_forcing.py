@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from memflow_train.memory import MemoryConfig
+from memflow_train.memory import NAM, MemoryFree
 from memflow_train.methods import BackboneSpec, LoraSpec, OptimizerSpec, SelfForcingDMD, StreamingLongTuning
 from memflow_train.methods.lora import merge_lora
 from memflow_train.methods.optim import MultiNetworkAdamW
@@ -168,7 +168,7 @@ def test_non_finite_critic_loss_is_reported_with_step_and_network(policy: str) -
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (lambda: {"memory": MemoryConfig(local_attn_size=2)}, "local_attn_size"),
+        (lambda: {"memory": NAM(local_attn_size=2)}, "local_attn_size"),
         ({"num_frames": 7}, "num_frames"),
         ({"latent_size": (5, 4)}, "latent_size"),
         ({"teacher": BackboneSpec(config={"text_dim": 8})}, "teacher.text_dim"),
@@ -316,9 +316,9 @@ def test_gradient_checkpointing_trains_exactly_like_keeping_activations(method, 
     """Checkpointing recomputes each exit-step chunk in backward, after the rollout moved the cache on: the
     recomputed attention must read the cache as the forward did (weights equal to keeping activations)."""
     config = {
-        "off": MemoryConfig(enabled=False),
-        "nam": MemoryConfig(record_interval=1, bank_size=2),
-        "sma": MemoryConfig(record_interval=1, bank_size=2, sma=True, sma_topk=1),
+        "off": MemoryFree(),
+        "nam": NAM(record_interval=1, bank_size=2),
+        "sma": NAM(record_interval=1, bank_size=2, sma=True, sma_topk=1),
     }[memory]
     weights = []
     for checkpointing in (False, True):

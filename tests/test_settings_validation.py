@@ -7,7 +7,7 @@ import math
 import pytest
 
 from memflow_train.checks import number, number_range, whole
-from memflow_train.memory import MemoryConfig
+from memflow_train.memory import NAM
 from memflow_train.methods import FlowMatchingFinetune, SelfForcingDMD, StreamingLongTuning
 from memflow_train.methods.specs import BackboneSpec, LoraSpec, OptimizerSpec, TextEncoderSpec
 from memflow_train.sampling import FlowMatchSchedule
@@ -58,9 +58,9 @@ def test_number_and_whole_follow_their_rules() -> None:
         (lambda: BackboneSpec(seed=-1), "seed"),
         (lambda: TextEncoderSpec(tiny_d_model=16, text_len=0), "text_encoder.text_len"),
         (lambda: TextEncoderSpec(tiny_d_model=16, dtype="bf16"), "dtype"),
-        (lambda: MemoryConfig(bank_size=2.5), "memory.bank_size"),
-        (lambda: MemoryConfig(sink_size=NAN), "memory.sink_size"),
-        (lambda: MemoryConfig(sma="yes"), "memory.sma"),
+        (lambda: NAM(bank_size=2.5), "memory.bank_size"),
+        (lambda: NAM(sink_size=NAN), "memory.sink_size"),
+        (lambda: NAM(sma="yes"), "memory.sma"),
         (lambda: FlowMatchSchedule(shift=NAN), "timestep_shift"),
         (lambda: FlowMatchSchedule().warp([1000, NAN]), "denoising steps"),
         (lambda: FlowMatchSchedule().warp([1000, 750.5]), "denoising steps"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memflow_train.memory import MemoryConfig
+from memflow_train.memory import NAM
 from memflow_train.methods import StreamingLongTuning
 from tests.method_helpers import dmd_module, fit
 
@@ -38,7 +38,7 @@ def test_sequence_grows_switches_once_with_recache_and_restarts() -> None:
 
 
 def test_memory_stays_bounded_over_long_sequences() -> None:
-    memory = MemoryConfig(record_interval=1, bank_size=2, sma=True, sma_topk=2)
+    memory = NAM(record_interval=1, bank_size=2, sma=True, sma_topk=2)
     module = dmd_module(StreamingLongTuning, memory=memory, max_length=60, frames_per_step=6, window=9)
     sizes = []
     original_step = module.training_step
@@ -47,12 +47,12 @@ def test_memory_stays_bounded_over_long_sequences() -> None:
         original_step(batch, batch_idx)
         sizes.append(module.sequence.stream.cache.nbytes())
         for layer in module.sequence.stream.cache.layers:
-            assert len(layer.bank) <= 2
+            assert len(layer.memory) <= 2
 
     module.training_step = step
     fit(module, steps=9, prompts=2)
     assert module.sequence.length == 54
-    assert len(module.sequence.stream.cache[0].bank) == 2
+    assert len(module.sequence.stream.cache[0].memory) == 2
     assert sizes[-1] == sizes[-3]  # steady state
 
 
@@ -89,7 +89,7 @@ def test_changed_memory_at_resume_drops_the_carried_sequence() -> None:
     module.on_load_checkpoint(dict(checkpoint))
     assert module._pending_state is not None  # same memory: the sequence continues
     other = dmd_module(StreamingLongTuning, max_length=18, frames_per_step=6, window=9,
-                       memory=MemoryConfig(record_interval=1, sma=True))  # fmt: skip
+                       memory=NAM(record_interval=1, sma=True))  # fmt: skip
     with pytest.warns(UserWarning, match="memory settings changed at resume"):
         other.on_load_checkpoint(dict(checkpoint))
     assert other._pending_state is None

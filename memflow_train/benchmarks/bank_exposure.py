@@ -22,15 +22,15 @@ from memflow_train.benchmarks.common import publish
 from memflow_train.checks import whole
 from memflow_train.errors import run_command
 from memflow_train.generation.build import recipe_from_config
-from memflow_train.memory import MemoryConfig
-from memflow_train.memory.config import CHOICES
+from memflow_train.memory import NAM
+from memflow_train.memory.nam import CHOICES
 from memflow_train.models.causal_wan import CausalWanTransformer
 from memflow_train.models.presets import wan_config
 from memflow_train.rollout import PromptSchedule, StreamingGenerator
 from memflow_train.sampling import FlowMatchSchedule
 
 
-def bank_per_chunk(memory: MemoryConfig, num_frames: int, seed: int = 0) -> list[int]:
+def bank_per_chunk(memory: NAM, num_frames: int, seed: int = 0) -> list[int]:
     """Bank frames each chunk of a num_frames rollout attends (SMA reads at most sma_topk of them)."""
     torch.manual_seed(seed)
     model = CausalWanTransformer(**wan_config("tiny")).eval()
@@ -41,12 +41,12 @@ def bank_per_chunk(memory: MemoryConfig, num_frames: int, seed: int = 0) -> list
     with torch.no_grad():
         for _ in range(num_frames // n):
             sampler.rollout(stream, torch.randn(1, model.config.in_channels, n, 2, 2), prompts)
-            bank = stream.cache[0].bank  # after the chunk: what its prepare committed, what it attended
+            bank = stream.cache[0].memory  # after the chunk: what its prepare committed, what it attended
             seen.append(0 if bank is None else len(bank))
     return seen
 
 
-def measure(memory: MemoryConfig, num_frames: int) -> list[dict]:
+def measure(memory: NAM, num_frames: int) -> list[dict]:
     rows = []
     for cadence in CHOICES["record_cadence"]:
         seen = bank_per_chunk(replace(memory, record_cadence=cadence), num_frames)
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--json", default=None, help="write the arguments and rows here")
     args = p.parse_args(argv)
     memory = recipe_from_config(args.config).memory
+    if not isinstance(memory, NAM):
+        p.error(f"{args.config}: the memory is {type(memory).__name__}; this benchmark measures NAM's record_cadence")
     if args.num_frames is None:
         init = yaml.safe_load(Path(args.config).read_text())["model"]["init_args"]
         if "num_frames" not in init:

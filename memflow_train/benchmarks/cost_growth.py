@@ -1,10 +1,12 @@
-"""Per-chunk streaming cost against history length (up to ~1000 latent frames), memory off / NAM / NAM+SMA.
+"""Per-chunk streaming cost against history length (up to ~1000 latent frames), a column per memory policy.
 
 The measurement is memory_overhead's (one chunk = the denoising forwards + the cache write, the
 history written through the real cache protocol), at chunk indices spanning a long video, all
 variants and positions interleaved in every repeat. A streaming generator whose cost grew with
 history would show it here; the NAM bank fills over its first record_interval * bank_size chunks
-after the window, then the attended frames stay fixed.
+after the window, then the attended frames stay fixed; the surprise-gated bank and the slow-fast memory hold at
+most their budget. Columns: memory_overhead's VARIANTS (off = MemoryFree, nam, nam_sma, surprise =
+SurpriseGatedBank, slow_fast = SlowFastMemory).
 
     python -m memflow_train.benchmarks.cost_growth --num-layers 1 --chunks 5 12 60 332
 """
@@ -39,7 +41,12 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser(__doc__)
-    parser.set_defaults(chunks=[5, 12, 60, 332], history_pool=4, statistic="min", variants=["off", "nam", "nam_sma"])
+    parser.set_defaults(
+        chunks=[5, 12, 60, 332],
+        history_pool=4,
+        statistic="min",
+        variants=["off", "nam", "nam_sma", "surprise", "slow_fast"],
+    )
     args = parser.parse_args(argv)
     check_args(args)
     return publish(run(args), args, print_table)

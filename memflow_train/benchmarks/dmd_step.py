@@ -29,7 +29,8 @@ from memflow_train.benchmarks.common import add_measurement_args, check_counts, 
 from memflow_train.benchmarks.memory_overhead import VARIANTS
 from memflow_train.benchmarks.tensor_memory import PeakTensorMemory
 from memflow_train.errors import run_command
-from memflow_train.memory.config import CHOICES as MEMORY_CHOICES
+from memflow_train.memory.nam import CHOICES as MEMORY_CHOICES
+from memflow_train.memory.nam import NAM
 from memflow_train.methods import BackboneSpec, OptimizerSpec, SelfForcingDMD
 from memflow_train.models.presets import wan_config
 
@@ -91,7 +92,9 @@ class StepMeter(L.Callback):
 
 def build_module(args: argparse.Namespace, variant: str) -> SelfForcingDMD:
     net = BackboneSpec(preset=args.preset, config={"num_layers": args.num_layers}, dtype=args.dtype)
-    memory = replace(VARIANTS[variant], record_interval=args.record_interval, record_cadence=args.record_cadence)
+    memory = VARIANTS[variant]
+    if isinstance(memory, NAM):  # the cadence options are NAM's
+        memory = replace(memory, record_interval=args.record_interval, record_cadence=args.record_cadence)
     return SelfForcingDMD(
         generator=net,
         teacher=net,
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--record-cadence",
         default="interval",
         choices=MEMORY_CHOICES["record_cadence"],
-        help="NAM: 'every_chunk' is MemFlow's stage-1 cadence (memflow_train.memory.MemoryConfig)",
+        help="NAM: 'every_chunk' is MemFlow's stage-1 cadence (memflow_train.memory.NAM)",
     )
     p.add_argument("--variants", nargs="+", default=["off", "nam", "nam_sma"], choices=list(VARIANTS))
     p.add_argument("--gradient-checkpointing", action="store_true")

@@ -51,7 +51,7 @@ from memflow_train.benchmarks.memory_overhead import VARIANTS
 from memflow_train.benchmarks.streaming_fps import BACKEND_LABEL, GOAL_FPS, PAPER_FPS, fps_section, random_prompt
 from memflow_train.errors import run_command
 from memflow_train.generation.build import Recipe
-from memflow_train.memory.config import CHOICES as MEMORY_CHOICES
+from memflow_train.memory.nam import CHOICES as MEMORY_CHOICES
 from memflow_train.models.causal_wan import cast_keeping_fp32
 from memflow_train.models.presets import wan_config
 from memflow_train.sampling import FlowMatchSchedule
@@ -183,7 +183,7 @@ def dmd_section(args: argparse.Namespace, device: torch.device, deadline: float)
         width=args.width,
         gradient_checkpointing=args.dmd_checkpointing,
         dtype=args.dtype,
-        record_interval=VARIANTS[args.dmd_memory].record_interval,
+        record_interval=getattr(VARIANTS[args.dmd_memory], "record_interval", 1),  # NAM's only
         record_cadence=args.dmd_record_cadence,
     )
     batch = dmd_step.random_batch(1, args.text_len, config["text_dim"], args.prompt_tokens)

@@ -1,4 +1,4 @@
-"""Per-chunk streaming cost with memory off, NAM and NAM+SMA, at given chunk positions, side by side.
+"""Per-chunk streaming cost of each memory policy (off, NAM, NAM+SMA, surprise-gated, slow-fast), side by side.
 
 One chunk = `steps` denoising forwards that read the cache + the clean re-run that writes it,
 exactly the generation loop. The history before the measured chunk is written through the real
@@ -25,19 +25,21 @@ import torch
 
 from memflow_train.benchmarks.common import add_measurement_args, check_counts, latent_grid, publish, summarize, sync
 from memflow_train.errors import run_command
-from memflow_train.memory import MemoryConfig, StreamingKVCache
+from memflow_train.memory import NAM, MemoryFree, SlowFastMemory, StreamingKVCache, SurpriseGatedBank
 from memflow_train.models.attention import register_attention_backend, sdpa_attention
 from memflow_train.models.causal_wan import CausalWanTransformer, TextContext, cast_keeping_fp32
 from memflow_train.models.presets import wan_config
 
-_MEMORY = MemoryConfig()
-VARIANTS = {
-    "off": MemoryConfig(enabled=False),
-    "nam": MemoryConfig(),
-    "nam_sma": MemoryConfig(sma=True),
+_MEMORY = NAM()
+VARIANTS = {  # memory policies (memflow_train.memory), each at its defaults
+    "off": MemoryFree(),
+    "nam": NAM(),
+    "nam_sma": NAM(sma=True),
+    "surprise": SurpriseGatedBank(),
+    "slow_fast": SlowFastMemory(),
     # Memory-free with the window widened by the bank's frames: as many keys as NAM with a full bank,
     # so NAM against it is the cost of the memory's own work (recording, retrieval, K/V assembly).
-    "off_nam_keys": MemoryConfig(enabled=False, local_attn_size=_MEMORY.local_attn_size + _MEMORY.bank_size),
+    "off_nam_keys": MemoryFree(local_attn_size=_MEMORY.local_attn_size + _MEMORY.bank_size),
 }
 
 

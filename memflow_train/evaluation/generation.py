@@ -2,20 +2,20 @@
 
 The video is exactly what `python -m memflow_train.generation` writes for the same narrative and seed
 (StreamingVideoPipeline: the method's sampler with prompt switches and recache, chunk-wise VAE decoding,
-transformer timings). Between chunks, the frames each layer's NAM bank held for the chunk just generated
-are read from the stream (the clean re-run that ends a chunk commits nothing new to the bank).
+transformer timings). Between chunks, the frames each layer's memory held for the chunk just generated
+are read from the stream (the clean re-run that ends a chunk commits nothing new to the memory).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from memflow_train.generation.narrative import Narrative
 from memflow_train.generation.pipeline import GenerationStats, StreamingVideoPipeline, synchronize, video_frames_for
-from memflow_train.memory.bank import NarrativeMemoryBank
+from memflow_train.memory import LayerMemory
 from memflow_train.models.causal_wan import FramePrompts
 from memflow_train.sampling import seeded
 from memflow_train.sampling.full_sequence import sample_full_sequence
@@ -26,11 +26,12 @@ class EvaluationVideo:
     frames: torch.Tensor | None  # uint8 (T, H, W, 3) on CPU; None without a VAE
     stats: GenerationStats
     chunk_starts: list[int]
-    bank_frames: list[list[list[int]]]  # [chunk][layer]: absolute latent frames the layer's bank held
+    bank_frames: list[list[list[int]]]  # [chunk][layer]: absolute latent frames the layer's memory held
 
 
-def _held(bank: NarrativeMemoryBank | None) -> list[int]:
-    return [] if bank is None or bank.frames is None else bank.frames[0].tolist()
+def _held(memory: LayerMemory | None) -> list[int]:
+    frames = memory.frames() if memory is not None else None
+    return [] if frames is None else frames[0].tolist()
 
 
 @torch.no_grad()
@@ -41,14 +42,14 @@ def generate_traced(
     only: LongLive's baseline) with memory=False; frames are decoded if decode and the pipeline has a VAE."""
     sampler = pipeline.sampler
     if not memory:
-        sampler = sampler.with_memory(replace(sampler.memory, enabled=False))
+        sampler = sampler.with_memory(sampler.memory.memory_free())
     vae = pipeline.vae if decode else None
     run = StreamingVideoPipeline(sampler, pipeline.text_encoder, vae, pipeline.latent_size)
     stats = GenerationStats()
     frames, starts, banks = [], [], []
     for chunk in run.chunks(narrative, seed, stats):
         starts.append(chunk.start_frame)
-        banks.append([_held(layer.bank) for layer in chunk.stream.cache.layers])
+        banks.append([_held(layer.memory) for layer in chunk.stream.cache.layers])
         if chunk.frames is not None:
             frames.append(chunk.frames.cpu())
     return EvaluationVideo(torch.cat(frames) if frames else None, stats, starts, banks)

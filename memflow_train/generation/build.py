@@ -6,6 +6,7 @@ model.init_args) or a memflow-train Lightning checkpoint's hyperparameters, then
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +16,8 @@ import torch
 import yaml
 
 from memflow_train.checks import IgnoredSettingWarning
-from memflow_train.memory import MemoryConfig
+from memflow_train.memory import NAM, MemoryFree, MemoryPolicy, memory_policy
+from memflow_train.memory.policy import GEOMETRY
 from memflow_train.methods.hparams import coerce
 from memflow_train.methods.specs import BackboneSpec, TextEncoderSpec, torch_dtype
 from memflow_train.models.causal_wan import CausalWanTransformer, cast_keeping_fp32
@@ -24,8 +26,8 @@ from memflow_train.models.text_encoder import WanTextEncoder
 from memflow_train.models.vae import VideoAutoencoder
 from memflow_train.models.vae import load_vae as load_autoencoder
 
-MEMORY_MODES = {"off": {"enabled": False}, "on": {"enabled": True, "sma": False}, "sma": {"enabled": True, "sma": True}}
-MEMORY_KNOBS = (
+MEMORY_MODES = ("on", "off", "sma")  # NAM, MemoryFree, NAM + SMA; any other value names a policy class
+MEMORY_KNOBS = (  # the built-in policies' options, each a flag (refused, named, where the policy does not read it)
     "bank_size",
     "record_interval",
     "prototype",
@@ -39,6 +41,10 @@ MEMORY_KNOBS = (
     "recache",
     "recache_sink",
     "context_noise",
+    "novelty_threshold",
+    "read_topk",
+    "slow_size",
+    "surprise_threshold",
 )
 
 
@@ -47,7 +53,7 @@ class Recipe:
     """What a training run fixed that generation must match."""
 
     generator: BackboneSpec | None = None
-    memory: MemoryConfig = MemoryConfig()
+    memory: MemoryPolicy = NAM()  # noqa: RUF009 (frozen dataclass)
     denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
     timestep_shift: float = 5.0
     context_timestep: float = 0.0
@@ -60,7 +66,7 @@ class Recipe:
         net = args.get("generator", args.get("model"))
         fields: dict[str, Any] = {
             "generator": coerce(BackboneSpec, net) if isinstance(net, dict | BackboneSpec) else None,
-            "memory": coerce(MemoryConfig, args.get("memory")) or MemoryConfig(),
+            "memory": memory_policy(args.get("memory")) or NAM(),
             "text_encoder": coerce(TextEncoderSpec, args.get("text_encoder")),
         }
         for key in ("denoising_steps", "latent_size"):
@@ -92,23 +98,44 @@ def recipe_from_checkpoint(path: str | Path) -> Recipe | None:
     return Recipe.from_init_args(hparams) if isinstance(hparams, dict) else None
 
 
-def with_memory_flags(memory: MemoryConfig, mode: str | None, **knobs: Any) -> MemoryConfig:
-    """memory with --memory on/off/sma and the knobs that were given (None = keep). A knob the resulting mode
-    does not read (--bank-size with the memory off, --sma-topk without SMA) is refused, named: it would
-    change nothing."""
-    changes = dict(MEMORY_MODES[mode]) if mode is not None else {}
+def _memory_for_mode(memory: MemoryPolicy, mode: str | None) -> MemoryPolicy:
+    """The policy --memory asks for: on / sma (NAM without / with SMA, the recipe's NAM options kept), off
+    (MemoryFree), or a policy class (memflow_train.memory.NAME, or a dotted path) with the recipe's shared
+    options; the recipe's geometry is kept in every case."""
+    if mode is None:
+        return memory
+    if mode == "off":
+        return memory.memory_free()
+    if mode in ("on", "sma"):
+        nam = memory if isinstance(memory, NAM) else NAM(**{k: getattr(memory, k) for k in GEOMETRY})
+        return replace(nam, sma=mode == "sma")
+    cls = type(memory_policy({"class_path": mode}))
+    shared = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in memory.options().items() if k in shared})
+
+
+def with_memory_flags(memory: MemoryPolicy, mode: str | None, **knobs: Any) -> MemoryPolicy:
+    """memory with --memory (on / off / sma / a policy class) and the knobs that were given (None = keep). A knob
+    the resulting policy does not read (--bank-size with the memory off, --sma-topk without SMA, --slow-size with
+    NAM) is refused, named: it would change nothing."""
     unknown = set(knobs) - set(MEMORY_KNOBS)
     if unknown:
         raise ValueError(f"unknown memory knobs {sorted(unknown)}")
     given = {k: v for k, v in knobs.items() if v is not None}
-    changes.update(given)
-    out = replace(memory, **changes)
-    idle = [k for k in given if k in out.unused_options()]
+    base = _memory_for_mode(memory, mode)
+    takes = {f.name for f in dataclasses.fields(base)}
+    idle = [k for k in given if k not in takes]
+    out = replace(base, **{k: v for k, v in given.items() if k in takes})
+    idle += [k for k in given if k in takes and k in out.unused_options()]
     if idle:
         flags = ", ".join(f"--{k.replace('_', '-')} {given[k]}" for k in idle)
-        state = "the memory is off" if not out.enabled else "SMA is off"
-        how = "--memory on or --memory sma" if not out.enabled else "--memory sma"
         source = f"--memory {mode}" if mode is not None else "the recipe's memory settings"
+        if isinstance(out, MemoryFree):
+            state, how = "the memory is off", "--memory on or --memory sma"
+        elif isinstance(out, NAM) and out.bank_size and all(k.startswith("sma_") for k in idle):
+            state, how = "SMA is off", "--memory sma"
+        else:
+            state, how = f"the memory is {type(out).__name__}, which does not read them", "another --memory"
         raise ValueError(f"{flags}: no effect, {state} ({source}); drop them or pass {how}")
     return out
 

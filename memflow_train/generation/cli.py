@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -49,7 +48,9 @@ from memflow_train.generation.pipeline import (
     StreamingVideoPipeline,
     video_frames_for,
 )
-from memflow_train.memory.config import CHOICES as MEMORY_CHOICES
+from memflow_train.memory.nam import CHOICES as NAM_CHOICES
+from memflow_train.memory.policy import CHOICES as GEOMETRY_CHOICES
+from memflow_train.memory.policy import plain_policy
 from memflow_train.models import fused_attention  # noqa: F401 (registers the flex and flash backends)
 from memflow_train.rollout import StreamingGenerator
 from memflow_train.sampling import FlowMatchSchedule
@@ -111,14 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--denoising-steps", type=int, nargs="+", help="default: config's, else 1000 750 500 250")
     s.add_argument("--timestep-shift", type=float)
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    m = p.add_argument_group("memory (default: the config's memory, else NAM on)")
-    m.add_argument("--memory", choices=["on", "off", "sma"], help="NAM bank, none (LongLive), NAM + SMA")
+    m = p.add_argument_group("memory (default: the config's memory policy, else NAM on)")
+    m.add_argument(
+        "--memory",
+        help="on: NAM bank; off: none (LongLive); sma: NAM + SMA; or a memory policy class "
+        "(SurpriseGatedBank, SlowFastMemory, or a dotted path to your own)",
+    )
+    choices = {**NAM_CHOICES, **GEOMETRY_CHOICES}
     for knob in MEMORY_KNOBS:
         flag = "--" + knob.replace("_", "-")
         if knob in ("relevance_softmax", "sma_include_sink"):
             m.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif knob in MEMORY_CHOICES:
-            m.add_argument(flag, choices=MEMORY_CHOICES[knob], help=_KNOB_HELP.get(knob))
+        elif knob in choices:
+            m.add_argument(flag, choices=choices[knob], help=_KNOB_HELP.get(knob))
+        elif knob in ("novelty_threshold", "surprise_threshold"):
+            m.add_argument(flag, type=float)
         else:
             m.add_argument(flag, type=int)
     return p
@@ -194,7 +202,7 @@ def describe(narrative: Narrative, pipeline: StreamingVideoPipeline, stats: Gene
         "prompt_start_video_frames": [None if s is None else video_frames_for(s, stride) for s in starts],
         "num_latent_frames": narrative.num_frames,
         "num_video_frames": stats.video_frames,
-        "memory": asdict(pipeline.sampler.memory),
+        "memory": plain_policy(pipeline.sampler.memory),
         "stats": stats.as_dict(),
     }
 

@@ -1,67 +1,29 @@
-"""Per-layer streaming KV cache: sink frames + rolling local window (+ NAM bank, SMA) of post-RoPE K/V.
+"""Per-layer streaming KV cache: sink frames + rolling local window (+ a memory policy) of post-RoPE K/V.
 
 Keys/values are heads-first, (batch, heads, frames * tokens_per_frame, head_dim). The sink and
 the local window hold contiguous runs of absolute frame indices. What one chunk attends to is
-assembled from parts, in temporal order: [sink | memory bank | local window | the chunk].
+assembled from parts, in temporal order: [sink | memory | local window | the chunk]. The memory
+is the policy's (memory/policy.py): the cache calls its LayerMemory and knows nothing else of it.
 
 Protocol, per chunk (the backbone's streaming forward follows it):
-  prepare(...)           once before the chunk: the bank takes in candidates, retrieving with
-                         the current prompt's text keys;
+  prepare(...)           once before the chunk: the memory takes in what left the window,
+                         retrieving with the current prompt's text keys;
   kv_for_attention(...)  at every denoising step: the keys/values to attend (read only);
-  append(...)            at the clean re-run: write the chunk, evict, record a bank candidate.
+  append(...)            at the clean re-run: write the chunk, evict, offer the frames to the memory.
 At a prompt switch, rewind(...) drops the frames a recache re-encodes (memory/recache.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from memflow_train.memory.bank import NarrativeMemoryBank
-from memflow_train.memory.config import MemoryConfig
+from memflow_train.memory.frames import FrameRun
+from memflow_train.memory.policy import MemoryFree, MemoryPolicy, class_path
 from memflow_train.memory.relevance import TextKeys
 from memflow_train.memory.sma import select_memory_frames
 from memflow_train.memory.window import AttentionWindow
-
-
-@dataclass
-class FrameRun:
-    """Keys/values of the contiguous frames start .. start + num_frames - 1."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    start: int
-    num_frames: int
-
-    @property
-    def stop(self) -> int:
-        return self.start + self.num_frames
-
-    def slice(self, lo: int, hi: int) -> FrameRun | None:
-        """The frames of this run inside [lo, hi), or None."""
-        lo, hi = max(lo, self.start), min(hi, self.stop)
-        if lo >= hi:
-            return None
-        if (lo, hi) == (self.start, self.stop):
-            return self
-        tpf = self.k.shape[2] // self.num_frames
-        a, b = (lo - self.start) * tpf, (hi - self.start) * tpf
-        return FrameRun(self.k[:, :, a:b], self.v[:, :, a:b], lo, hi - lo)
-
-    def append(self, other: FrameRun, keep_last: int | None) -> FrameRun:
-        if other.start != self.stop:
-            raise ValueError(f"frames must be appended in order: run ends at {self.stop}, got {other.start}")
-        k, v = torch.cat([self.k, other.k], 2), torch.cat([self.v, other.v], 2)
-        run = FrameRun(k, v, self.start, self.num_frames + other.num_frames)
-        if keep_last is not None and run.num_frames > keep_last:
-            run = run.slice(run.stop - keep_last, run.stop)
-        return run
-
-    def frames_view(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, H, F*T, D) -> (B, H, F, T, D)."""
-        return t.unflatten(2, (self.num_frames, -1))
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -71,24 +33,21 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
 class LayerKVCache:
     """The frames one self-attention layer can still attend to, and how they are evicted."""
 
-    def __init__(self, config: MemoryConfig) -> None:
+    def __init__(self, config: MemoryPolicy) -> None:
         self.config = config
         self.window = config.window
-        self.bank = NarrativeMemoryBank(config) if config.enabled else None
+        self.memory = config.new_layer_memory()
         self.sink: FrameRun | None = None
         self.local: FrameRun | None = None
         self.next_frame = 0
         self.floor = 0  # window frames below this were dropped by a rewind and are not expected
         self.sink_start = 0  # the sink holds the sink_size frames written from here (moved by a 'replace' recache)
-        self._candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see _sma_candidates
-        self._candidate_sources: tuple = (None, None)  # the sink run and bank.k they were built from
 
     def reset(self) -> None:
         self.sink = self.local = None
         self.next_frame = self.floor = self.sink_start = 0
-        self._candidates, self._candidate_sources = None, (None, None)
-        if self.bank is not None:
-            self.bank.reset()
+        if self.memory is not None:
+            self.memory.reset()
 
     def visible_runs(self, chunk_start: int, num_frames: int) -> tuple[list[FrameRun], list[FrameRun]]:
         """Cached runs the chunk [chunk_start, chunk_start + num_frames) sees: (sink outside the window, window).
@@ -123,10 +82,10 @@ class LayerKVCache:
         return outside, inside
 
     def prepare(self, chunk_start: int, num_frames: int, text: TextKeys | None) -> None:
-        """Before a chunk: candidates whose chunk left the window join the bank (retrieval by `text`)."""
-        if self.bank is not None:
+        """Before a chunk: what left the window may enter the memory (retrieval by `text`)."""
+        if self.memory is not None:
             window_start = self.window.visible_ranges(chunk_start + num_frames)[-1][0]
-            self.bank.commit(window_start, text)
+            self.memory.commit(window_start, text)
 
     def kv_for_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_start: int, num_frames: int
@@ -141,62 +100,26 @@ class LayerKVCache:
         it in backward, after the rollout wrote later chunks); its reader still sees what the forward saw.
         """
         sink_runs, window_runs = self.visible_runs(chunk_start, num_frames)
-        keys = [r.k for r in sink_runs]
-        values = [r.v for r in sink_runs]
-        bank = self.bank
-        memory_k = [bank.k] if bank is not None and len(bank) else []
-        memory_v = [bank.v] if bank is not None and len(bank) else []
-        candidates = None
-        if bank is not None and self.config.sma:
-            if self.config.sma_include_sink:  # sink frames compete with bank frames for the top-k
-                memory_k = [r.frames_view(r.k) for r in sink_runs] + memory_k
-                memory_v = [r.frames_view(r.v) for r in sink_runs] + memory_v
-                keys, values = [], []
-            candidates = self._sma_candidates(sink_runs) if memory_k else None
-            if candidates is None and memory_k:
-                candidates = (_cat(memory_k), _cat(memory_v), None)
-        elif memory_k:
-            keys.append(bank.k.flatten(2, 3))
-            values.append(bank.v.flatten(2, 3))
+        memory = self.memory.read(sink_runs) if self.memory is not None else None
+        if memory is not None and memory.sink is not None:
+            self.sink = memory.sink
+        keys = [] if memory is not None and memory.includes_sink else [r.k for r in sink_runs]
+        values = [] if memory is not None and memory.includes_sink else [r.v for r in sink_runs]
+        dense = memory is not None and memory.topk is None
+        if dense:
+            keys.append(memory.k.flatten(2, 3))
+            values.append(memory.v.flatten(2, 3))
+        sparse = memory if memory is not None and not dense else None
         window_k, window_v = [r.k for r in window_runs], [r.v for r in window_runs]
-        topk = self.config.sma_topk
 
         def read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             selected_k, selected_v = [], []
-            if candidates is not None:
-                mk, mv, _ = select_memory_frames(q, *candidates[:2], topk, key_means=candidates[2])
+            if sparse is not None:
+                mk, mv, _ = select_memory_frames(q, sparse.k, sparse.v, sparse.topk, key_means=sparse.key_means)
                 selected_k, selected_v = [mk], [mv]
             return _cat([*keys, *selected_k, *window_k, k]), _cat([*values, *selected_v, *window_v, v])
 
         return read
-
-    def _sma_candidates(self, sink_runs: list[FrameRun]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """SMA's candidate frames as one tensor (B, H, n, T, D) with their mean keys, kept between calls.
-
-        Concatenating the sink and the bank, and averaging their keys, at every attention call costs
-        as much as SMA saves; they only change when the bank takes a frame or the sink is written.
-        So they are built once, and the sink and the bank are re-pointed to views of the one tensor
-        (no second copy). None when only part of the sink is visible (first chunks): the caller
-        concatenates.
-        """
-        bank = self.bank
-        sink = self.sink if self.config.sma_include_sink else None
-        visible = [r is sink for r in sink_runs] == ([True] if sink is not None else [])
-        if bank is None or not len(bank) or (self.config.sma_include_sink and not visible):
-            return None
-        built_from = self._candidate_sources
-        if self._candidates is None or built_from[0] is not sink or built_from[1] is not bank.k:
-            if sink is not None:
-                n = sink.num_frames
-                k = torch.cat([sink.frames_view(sink.k), bank.k], 2)
-                v = torch.cat([sink.frames_view(sink.v), bank.v], 2)
-                sink = self.sink = FrameRun(k[:, :, :n].flatten(2, 3), v[:, :, :n].flatten(2, 3), sink.start, n)
-                bank.k, bank.v = k[:, :, n:], v[:, :, n:]
-            else:
-                k, v = bank.k, bank.v
-            self._candidates = (k, v, k.float().mean(3))
-            self._candidate_sources = (sink, bank.k)
-        return self._candidates
 
     def append(
         self,
@@ -233,23 +156,23 @@ class LayerKVCache:
             self.local = new if self.local is None else self.local.append(new, None)
             if keep is not None and self.local.num_frames > keep:
                 self.local = self.local.slice(self.local.stop - keep, self.local.stop) if keep else None
-            if self.bank is not None:
-                self.bank.record(new.k, new.v, new.start, new.num_frames, text)
+            if self.memory is not None:
+                self.memory.record(new.k, new.v, new.start, new.num_frames, text)
         self.next_frame = run.stop
 
     def rewind(self, frame: int, new_sink_start: int | None = None) -> None:
         """Drop cached frames >= frame so they can be re-encoded (recache after a prompt switch).
 
-        Frames the window had already evicted stay gone: replayed chunks see the sink, the bank,
+        Frames the window had already evicted stay gone: replayed chunks see the sink, the memory,
         what the window still held below `frame` and the frames replayed before them.
         new_sink_start: drop the whole sink; the next writes rebuild it from that frame on
         (memflow_train.memory.recache). Raises ValueError past the cached frames, or when the
-        bank holds frames >= frame.
+        memory holds frames >= frame.
         """
         if frame > self.next_frame:
             raise ValueError(f"cannot rewind to frame {frame}: only {self.next_frame} frames were cached")
-        if self.bank is not None:
-            self.bank.rewind(frame)
+        if self.memory is not None:
+            self.memory.rewind(frame)
         if new_sink_start is not None:
             self.sink, self.sink_start = None, new_sink_start
         else:
@@ -260,7 +183,7 @@ class LayerKVCache:
 
     def tensors(self) -> list[torch.Tensor]:
         own = [t for part in (self.sink, self.local) if part is not None for t in (part.k, part.v)]
-        return own + (self.bank.tensors() if self.bank is not None else [])
+        return own + (self.memory.tensors() if self.memory is not None else [])
 
     def state_dict(self) -> dict:
         def dump(run: FrameRun | None) -> dict | None:
@@ -273,31 +196,36 @@ class LayerKVCache:
             "floor": self.floor,
             "sink_start": self.sink_start,
         }
-        if self.bank is not None:
-            state["bank"] = self.bank.state_dict()
+        if self.memory is not None:
+            state["memory"] = self.memory.state_dict()
+            state["memory_policy"] = class_path(self.config)
         return state
 
     def load_state_dict(self, state: dict) -> None:
         def load(d: dict | None) -> FrameRun | None:
             return None if d is None else FrameRun(d["k"], d["v"], int(d["start"]), int(d["num_frames"]))
 
-        if ("bank" in state) != (self.bank is not None):
-            raise ValueError("cache state and cache disagree on whether the memory bank is enabled")
+        saved = state.get("memory", state.get("bank"))  # "bank": states saved before memory policies
+        if (saved is not None) != (self.memory is not None):
+            raise ValueError("cache state and cache disagree on whether a memory is kept (memory policy)")
+        policy = state.get("memory_policy", class_path(self.config))
+        if policy != class_path(self.config):
+            raise ValueError(
+                f"cache state was saved under memory policy {policy}, the cache runs {class_path(self.config)}"
+            )
         self.sink, self.local = load(state["sink"]), load(state["local"])
-        self._candidates, self._candidate_sources = None, (None, None)
         self.next_frame, self.floor = int(state["next_frame"]), int(state["floor"])
         self.sink_start = int(state.get("sink_start", 0))  # states saved before recache_sink existed
-        if self.bank is not None:
-            self.bank.load_state_dict(state["bank"])
+        if self.memory is not None:
+            self.memory.load_state_dict(saved)
 
 
 class StreamingKVCache:
     """One LayerKVCache per transformer block, advanced together."""
 
-    def __init__(self, num_layers: int, config: MemoryConfig | AttentionWindow) -> None:
+    def __init__(self, num_layers: int, config: MemoryPolicy | AttentionWindow) -> None:
         if isinstance(config, AttentionWindow):
-            config = MemoryConfig(
-                enabled=False,
+            config = MemoryFree(
                 sink_size=config.sink_size,
                 local_attn_size=config.local_attn_size,
                 num_frame_per_block=config.num_frame_per_block,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memflow_train.memory.config import MemoryConfig
+from memflow_train.memory.policy import MemoryPolicy
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class RecachePlan:
         return self.pieces[0][0] if self.pieces else self.rewind_to
 
 
-def recache_latent_frames(config: MemoryConfig) -> int | None:
+def recache_latent_frames(config: MemoryPolicy) -> int | None:
     """How many of the newest clean latents a stream keeps for recache (None: all of them)."""
     w = config.window
     if not w.bounded:
@@ -40,7 +40,7 @@ def recache_latent_frames(config: MemoryConfig) -> int | None:
     return config.sink_size + config.local_attn_size
 
 
-def plan_recache(config: MemoryConfig, next_frame: int) -> RecachePlan:
+def plan_recache(config: MemoryPolicy, next_frame: int) -> RecachePlan:
     """The recache before the chunk starting at next_frame (chunk-aligned), after a switch.
 
     chunkwise: the frames the window still holds, [next - (local_attn_size - chunk), next), are

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 
 from memflow_train.checks import number, number_range, whole
-from memflow_train.memory import MemoryConfig
+from memflow_train.memory import NAM, MemoryPolicy, memory_policy
 from memflow_train.methods.ema import ParameterEMA
 from memflow_train.methods.hparams import coerce, save_plain_hyperparameters
 from memflow_train.methods.lora import add_lora
@@ -64,7 +64,7 @@ class FlowMatchingFinetune(LightningModule):
     def __init__(
         self,
         model: BackboneSpec,
-        memory: MemoryConfig = MemoryConfig(),  # noqa: B008 (frozen dataclass)
+        memory: MemoryPolicy = NAM(),  # noqa: B008 (frozen dataclass)
         attention: Literal["streaming", "bidirectional"] = "streaming",
         max_frames: int | None = None,
         timestep_shift: float = 5.0,
@@ -92,7 +92,7 @@ class FlowMatchingFinetune(LightningModule):
         (the batch's negative embedding, else `negative_prompt` through text_encoder) instead of its own; 0 (the
         default) trains only conditional. Validation is always conditional."""
         super().__init__()
-        model, memory = coerce(BackboneSpec, model), coerce(MemoryConfig, memory)
+        model, memory = coerce(BackboneSpec, model), memory_policy(memory)
         optimizer, lora = coerce(OptimizerSpec, optimizer), coerce(LoraSpec, lora)
         text_encoder = coerce(TextEncoderSpec, text_encoder)
         save_plain_hyperparameters(self, locals())

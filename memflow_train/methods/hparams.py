@@ -15,6 +15,10 @@ T = TypeVar("T")
 
 
 def plain(value: Any) -> Any:
+    from memflow_train.memory.policy import MemoryPolicy, plain_policy
+
+    if isinstance(value, MemoryPolicy):  # selected by class_path: kept with it
+        return plain_policy(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, list | tuple):

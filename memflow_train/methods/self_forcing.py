@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from memflow_train.checks import number, number_range, whole
-from memflow_train.memory import MemoryConfig
+from memflow_train.memory import NAM, MemoryPolicy, memory_policy
 from memflow_train.methods.dmd_losses import critic_flow_loss, dmd_gradient, dmd_loss, guided
 from memflow_train.methods.ema import ParameterEMA
 from memflow_train.methods.hparams import coerce, save_plain_hyperparameters
@@ -126,7 +126,7 @@ class SelfForcingDMD(LightningModule):
         generator: BackboneSpec,
         teacher: BackboneSpec,
         critic: BackboneSpec | None = None,
-        memory: MemoryConfig = MemoryConfig(),  # noqa: B008 (frozen dataclass)
+        memory: MemoryPolicy = NAM(),  # noqa: B008 (frozen dataclass)
         num_frames: int = 21,
         latent_size: tuple[int, int] = (60, 104),
         denoising_steps: tuple[int, ...] = (1000, 750, 500, 250),
@@ -158,7 +158,7 @@ class SelfForcingDMD(LightningModule):
         super().__init__()
         self.automatic_optimization = False
         generator, teacher, critic = (coerce(BackboneSpec, s) for s in (generator, teacher, critic))
-        memory = coerce(MemoryConfig, memory)
+        memory = memory_policy(memory)
         generator_optimizer, critic_optimizer = (
             coerce(OptimizerSpec, generator_optimizer),
             coerce(OptimizerSpec, critic_optimizer),

@@ -23,8 +23,7 @@ from typing import Any
 import torch
 
 from memflow_train.checks import whole
-from memflow_train.memory import MemoryConfig
-from memflow_train.methods.hparams import coerce
+from memflow_train.memory import memory_policy
 from memflow_train.methods.self_forcing import PromptBatch, SelfForcingDMD, TextBatch
 from memflow_train.models.causal_wan import FramePrompts
 from memflow_train.rollout import PromptSchedule, Stream
@@ -223,7 +222,7 @@ class StreamingLongTuning(SelfForcingDMD):
         super().on_load_checkpoint(checkpoint)
         self._pending_state = checkpoint.get("sequence_state")  # restored on the right device at the next step
         saved = (checkpoint.get("hyper_parameters") or {}).get("memory")
-        if self._pending_state is not None and saved is not None and coerce(MemoryConfig, saved) != self.memory:
+        if self._pending_state is not None and saved is not None and memory_policy(saved) != self.memory:
             warnings.warn(
                 "the memory settings changed at resume: the carried sequence (its KV cache and bank were built "
                 "under the old ones) is dropped and the next step starts a new sequence",

@@ -35,8 +35,8 @@ from diffusers.models.transformers.transformer_wan import WanAttention, WanTimeT
 from torch.utils.checkpoint import checkpoint
 
 from memflow_train.checks import number
-from memflow_train.memory.config import MemoryConfig
 from memflow_train.memory.kv_cache import StreamingKVCache
+from memflow_train.memory.policy import MemoryPolicy
 from memflow_train.memory.relevance import TextKeys
 from memflow_train.memory.window import AttentionWindow
 from memflow_train.models.attention import get_attention_backend, sdpa_attention
@@ -304,7 +304,7 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         get_attention_backend(name)
         self.attention_backend = name
 
-    def new_kv_cache(self, config: MemoryConfig | AttentionWindow) -> StreamingKVCache:
+    def new_kv_cache(self, config: MemoryPolicy | AttentionWindow) -> StreamingKVCache:
         """An empty streaming cache for this model: sink + window, plus NAM/SMA if config enables them."""
         return StreamingKVCache(len(self.blocks), config)
 

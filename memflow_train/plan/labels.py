@@ -27,7 +27,7 @@ def _streams_of(stream: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     cache = []
     for layer in stream.cache.layers:
         cache += layer.tensors()
-        candidates = getattr(layer, "_candidates", None)
+        candidates = getattr(layer.memory, "_candidates", None)  # NAM's SMA candidates (views + mean keys)
         if candidates:
             cache += [t for t in candidates if isinstance(t, torch.Tensor)]
     recent = [stream.recent] if isinstance(stream.recent, torch.Tensor) else []

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningModule
 
-from memflow_train.memory import MemoryConfig, StreamingKVCache
+from memflow_train.memory import MemoryPolicy, StreamingKVCache
 from memflow_train.memory.relevance import TextKeys
 
 
-def settled_frames(memory: MemoryConfig, limit: int) -> int:
+def settled_frames(memory: MemoryPolicy, limit: int) -> int:
     """Latent frames after which a stream's KV cache + bank hold no more (at most `limit`)."""
     n = memory.num_frame_per_block
     cache = StreamingKVCache(1, memory)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from memflow_train.memory import MemoryConfig, StreamingKVCache
+from memflow_train.memory import MemoryPolicy, StreamingKVCache
 from memflow_train.memory.recache import plan_recache, recache_latent_frames
 from memflow_train.models.causal_wan import CausalWanTransformer, TextContext
 from memflow_train.rollout.prompts import PromptSchedule
@@ -62,7 +62,7 @@ class StreamingGenerator:
         model: CausalWanTransformer,
         schedule: FlowMatchSchedule,
         denoising_steps: list[int],
-        memory: MemoryConfig,
+        memory: MemoryPolicy,
         context_timestep: float = 0.0,
     ) -> None:
         self.model = model
@@ -78,7 +78,7 @@ class StreamingGenerator:
     def new_stream(self) -> Stream:
         return Stream(self.model.new_kv_cache(self.memory))
 
-    def with_memory(self, memory: MemoryConfig) -> StreamingGenerator:
+    def with_memory(self, memory: MemoryPolicy) -> StreamingGenerator:
         """The same model, schedule and steps with another memory configuration (e.g. memory-free)."""
         other = copy.copy(self)
         other.memory = memory
