@@ -127,7 +127,7 @@ def test_resume_applies_new_optimizer_and_memory_settings_and_refuses_other_chan
     assert groups.group("generator")["lr"] == 0.002 and groups.group("critic")["lr"] == 1e-4
     assert cli.model.memory.sma is False and cli.trainer.global_step == 6
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["init_args"]
-    assert saved["generator_optimizer"]["lr"] == 0.002 and saved["memory"]["sma"] is False
+    assert saved["generator_optimizer"]["lr"] == 0.002 and saved["memory"]["init_args"]["sma"] is False
     with pytest.raises(SystemExit, match=r"(?s)cannot change at resume.*num_frames: 12 in the checkpoint, 6 now"):
         MemflowCLI(args=[*resume, "--model.init_args.num_frames=6"])
 
