@@ -16,7 +16,7 @@ DEMO = ["fit", "--config", "configs/demo.yaml", "--trainer.max_steps=1"]
     [
         (["--model.init_args.memroy.sma", "false"], "did you mean --model.init_args.memory.sma?"),
         (["--trainer.max_stpes", "3"], "did you mean --trainer.max_steps?"),
-        (["--model.init_args.memory.smaa", "false"], "did you mean --model.init_args.memory.sma?"),
+        (["--model.init_args.memory.smaa", "false"], "did you mean --model.init_args.memory.init_args.sma?"),
         (["--model.init_args.generator_optimzer.lr", "1"], "did you mean --model.init_args.generator_optimizer.lr?"),
         (["--model.init_args.generator.weights", "/nonexistent.pt"], "no weights file at /nonexistent.pt"),
         (["--model.init_args.generator_optimizer.lr", ".nan"], "optimizer.lr must be finite, got nan"),

@@ -394,3 +394,22 @@ def test_a_users_policy_is_selected_from_yaml(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match="memory.keep must be >= 0, got -1"):
         MemflowCLI(args=["--config", str(path)], run=False)
+
+
+def test_the_study_variants_switch_the_policy_and_keep_the_stage_geometry() -> None:
+    """python -m memflow_train.study's flags per variant, on the demo config (NAM + SMA, bank 2, window 6)."""
+    from memflow_train.cli import MemflowCLI
+    from memflow_train.study import VARIANTS
+
+    demo = {"sink_size": 3, "local_attn_size": 6, "num_frame_per_block": 3}
+    expected = {
+        "off": MemoryFree(**demo),
+        "nam": NAM(**demo, bank_size=2, record_interval=1, sma=False, sma_topk=2),
+        "sma": NAM(**demo, bank_size=2, record_interval=1, sma=True, sma_topk=2),
+        "surprise": SurpriseGatedBank(**demo, bank_size=2),
+        "slow_fast": SlowFastMemory(**demo),
+    }
+    assert set(VARIANTS) == set(expected)
+    for name, flags in VARIANTS.items():
+        cli = MemflowCLI(args=["--config", str(REPO / "configs" / "demo.yaml"), *flags], run=False)
+        assert cli.model.memory == expected[name], name

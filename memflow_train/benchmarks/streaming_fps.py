@@ -216,7 +216,7 @@ def _measured(repeats: list[list[dict]], stream: Stream, args: argparse.Namespac
     seconds = summarize([sum(c["seconds"] for c in chunks) for chunks in repeats], args.statistic)
     chunks = repeats[0]
     frames = sum(c["video_frames"] for c in chunks)
-    bank = stream.cache.layers[0].bank
+    bank = stream.cache.layers[0].memory
     return {
         "fps": frames / seconds,
         "seconds_per_chunk": seconds / len(chunks),
