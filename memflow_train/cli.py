@@ -303,6 +303,12 @@ def _cli(argv: list[str] | None) -> None:
     except argparse.ArgumentError as err:  # a parse error: reported like the others, with a suggestion
         text = str(err)
         model = re.search(r"class_path '([\w.]+)'", text)
+        if re.search(r"Parser key \"memory\":\s*Problem with given class_path '[\w.]+':\s*Option 'enabled'", text):
+            raise ValueError(
+                f"{text}\nmodel.init_args.memory is a memory policy chosen by class_path: write {{class_path: "
+                "memflow_train.memory.NAM, init_args: {bank_size: ..., sink_size: ...}}, or class_path "
+                "memflow_train.memory.MemoryFree for the old enabled: false (README, 'Memory policies')"
+            ) from None
         nested = _nested_suggestion(text)
         suggestion = nested or did_you_mean(model.group(1) if model else None, text)
         if suggestion is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from memflow_train.cli import did_you_mean, run
@@ -20,8 +22,13 @@ DEMO = ["fit", "--config", "configs/demo.yaml", "--trainer.max_steps=1"]
         (["--model.init_args.generator_optimzer.lr", "1"], "did you mean --model.init_args.generator_optimizer.lr?"),
         (["--model.init_args.generator.weights", "/nonexistent.pt"], "no weights file at /nonexistent.pt"),
         (["--model.init_args.generator_optimizer.lr", ".nan"], "optimizer.lr must be finite, got nan"),
+        (["--model.init_args.memory", "NAM", "--model.init_args.memory.init_args.bank_size", "-1"],
+         "memory.bank_size must be >= 0, got -1"),
+        (["--model.init_args.memory", "memflow_train.memory.SlowFastMemory",
+          "--model.init_args.memory.init_args.surprise_threshold", "3"], "memory.surprise_threshold must be"),
+        (["--model.init_args.memory", "memflow_train.memory.Nope"], "memflow_train.memory.Nope"),
     ],
-)
+)  # fmt: skip
 def test_config_errors_are_short(flags: list[str], message: str) -> None:
     with pytest.raises(SystemExit) as exit_:
         run([*DEMO, *flags])
@@ -42,3 +49,17 @@ def test_short_error_drops_union_bookkeeping() -> None:
         == "model.init_args.num_frames"
     )
     assert did_you_mean("memflow_train.methods.SelfForcingDMD", "unrecognized arguments: --zzzz=3") is None
+
+
+def test_a_config_of_the_memory_enabled_era_is_told_how_to_select_a_policy(tmp_path) -> None:
+    """Before memory policies, model.init_args.memory held `enabled: true/false` and NAM's options."""
+    import yaml
+
+    config = yaml.safe_load(Path("configs/demo.yaml").read_text())
+    config["model"]["init_args"]["memory"] = {"enabled": False, "sink_size": 3, "local_attn_size": 6}
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_:
+        run(["fit", "--config", str(tmp_path / "old.yaml"), "--trainer.max_steps=1"])
+    text = str(exit_.value.code)
+    assert "class_path memflow_train.memory.MemoryFree for the old enabled: false" in text
+    assert len(text.splitlines()) <= 4 and "Traceback" not in text

@@ -222,8 +222,8 @@ def memory_policy(value: MemoryPolicy | dict | None) -> MemoryPolicy | None:
     """A policy from a policy, a {class_path, init_args} dict, or the plain fields of the NAM-era MemoryConfig
     (checkpoints saved before memory policies: `enabled: false` is MemoryFree, else NAM). None stays None.
 
-    Raises ValueError for an unknown class, an option the class does not take, or a legacy dict that names
-    bank options with the memory off."""
+    Raises ValueError for an unknown class, a class that is not a MemoryPolicy, or an option the class does not
+    take (a legacy dict's bank and SMA options are dropped when it says enabled: false)."""
     from memflow_train.memory.nam import NAM
 
     if value is None or isinstance(value, MemoryPolicy):
