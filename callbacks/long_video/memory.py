@@ -1,9 +1,10 @@
-"""Memory diagnostics: which frames the NAM banks held, against the narrative's segments.
+"""Memory diagnostics: which frames the layers' memories held, against the narrative's segments.
 
-From a generation's bank trace (per chunk, per layer, the absolute latent frames the layer's bank held while
-the chunk was generated): the share of held frames from the chunk's own segment, and, for a subject that
-returns after an absence (synthetic-world narratives), the share of frames held during its returning segment
-that come from the segment it was last seen in, which is where the memory should look.
+From a generation's memory trace (per chunk, per layer, the absolute latent frames the layer's memory held while
+the chunk was generated; any memory policy, a consolidated slot counted as its first frame): the share of held
+frames from the chunk's own segment, and, for a subject that returns after an absence (synthetic-world
+narratives), the share of frames held during its returning segment that come from the segment it was last seen
+in, which is where the memory should look.
 """
 
 from __future__ import annotations
