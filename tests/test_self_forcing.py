@@ -329,3 +329,21 @@ def test_gradient_checkpointing_trains_exactly_like_keeping_activations(method, 
     assert weights[0].keys() == weights[1].keys()
     for key, value in weights[0].items():
         assert torch.allclose(value, weights[1][key], rtol=0, atol=1e-6), key
+
+
+def test_a_negative_prompt_the_batch_overrides_is_named_in_a_warning() -> None:
+    """The batch's negative embeddings are the teacher's uncond: a configured negative_prompt is then unused."""
+    import warnings
+
+    from memflow_train.checks import IgnoredSettingWarning
+
+    module = dmd_module(negative_prompt="blurry")
+    with pytest.warns(IgnoredSettingWarning, match="negative_prompt 'blurry' is not used: the batch's negative"):
+        module._texts(prompt_batch())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module._texts(prompt_batch())  # once
+        dmd_module()._texts(prompt_batch())  # the default negative prompt: nothing to say
+        dmd_module(negative_prompt="blurry", guidance_scale=0.0)._texts(prompt_batch())  # no uncond is used
+    with pytest.raises(ValueError, match="negative_prompt must be a string"):
+        dmd_module(negative_prompt=3)

@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 import torch
 from lightning.pytorch import LightningModule
 
-from memflow_train.checks import number, number_range, whole
+from memflow_train.checks import IgnoredSettingWarning, number, number_range, whole
 from memflow_train.memory import NAM, MemoryPolicy, memory_policy
 from memflow_train.methods.dmd_losses import critic_flow_loss, dmd_gradient, dmd_loss, guided
 from memflow_train.methods.ema import ParameterEMA
@@ -181,6 +181,8 @@ class SelfForcingDMD(LightningModule):
             latent_size=latent_size,
         )
         number("guidance_scale", guidance_scale, low=0)
+        if not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {negative_prompt!r}")
         number_range("score_timestep_range", score_timestep_range, low=0, high=1000)
         if num_frames < memory.num_frame_per_block or num_frames % memory.num_frame_per_block:
             raise ValueError(
@@ -210,6 +212,7 @@ class SelfForcingDMD(LightningModule):
         self._negative_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.step_log = StepLog(progress_bar=("train/generator_loss", "train/critic_loss"))
         self._warned_unfixed = False
+        self._warned_negative = False
         self.skipped_in_a_row = {"generator": 0, "critic": 0}
         self.last_exit_steps: list[int] = []  # the latest rollout's exit steps, for inspection
 
@@ -289,6 +292,15 @@ class SelfForcingDMD(LightningModule):
             raise ValueError("the batch has no prompt_embeds and no text_encoder is configured")
         if batch.negative_embeds is not None:
             negative, negative_mask = batch.negative_embeds, batch.negative_mask
+            given = self.hparams.negative_prompt
+            if given != WAN_NEGATIVE_PROMPT and self.hparams.guidance_scale and not self._warned_negative:
+                self._warned_negative = True
+                warnings.warn(
+                    f"negative_prompt {given!r} is not used: the batch's negative embeddings (the shards' negative "
+                    "prompt) are the teacher's unconditional prompt; prepare the shards with this negative prompt",
+                    IgnoredSettingWarning,
+                    stacklevel=3,
+                )
         elif self.text_encoder is not None:
             if self._negative_cache is None:
                 self._negative_cache = self.text_encoder([self.hparams.negative_prompt], self.device)
