@@ -347,3 +347,32 @@ def test_a_negative_prompt_the_batch_overrides_is_named_in_a_warning() -> None:
         dmd_module(negative_prompt="blurry", guidance_scale=0.0)._texts(prompt_batch())  # no uncond is used
     with pytest.raises(ValueError, match="negative_prompt must be a string"):
         dmd_module(negative_prompt=3)
+
+
+def test_guidance_zero_runs_the_teacher_on_the_conditional_batch_only() -> None:
+    """Self-Forcing's convention cond + s * (cond - uncond): at s = 0 the unconditional half changes nothing."""
+    from memflow_train.methods.dmd_losses import dmd_gradient, dmd_loss, guided
+
+    module = dmd_module(guidance_scale=0.0)
+    texts = module._texts(prompt_batch())
+    x = torch.randn(2, 4, 6, 4, 4, requires_grad=True)
+    seen = []
+    forward = module.teacher.forward
+
+    def spy(hidden, *args, **kwargs):
+        seen.append(hidden.shape[0])
+        return forward(hidden, *args, **kwargs)
+
+    module.teacher.forward = spy
+    loss, logs = module.distribution_matching_loss(x, texts.embeds[:, 0], texts.negative, step=3)
+    assert seen == [2]
+    # the same loss from the doubled batch, guided with scale 0 (what runs for any other scale)
+    rng = module._sample_noise(3, "dmd", 2)
+    t = module.schedule.training_timesteps(rng, *module.hparams.score_timestep_range)
+    x_t = module.schedule.add_noise(x.detach(), rng.randn(tuple(x.shape), module.device, x.dtype), t)
+    with torch.no_grad():
+        _, fake = module._predict_x0(module.critic, x_t, t, texts.embeds[:, 0])
+        _, real = module._predict_x0(module.teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                     torch.cat([texts.embeds[:, 0], texts.negative]))  # fmt: skip
+    expected = dmd_loss(x, dmd_gradient(x, fake, guided(*real.chunk(2), 0.0)))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

@@ -408,10 +408,13 @@ class SelfForcingDMD(LightningModule):
         x_t = self.schedule.add_noise(x.detach(), rng.randn(tuple(x.shape), self.device, x.dtype), t)
         with torch.no_grad():
             _, fake_x0 = self._predict_x0(self.critic, x_t, t, cond)
-            _, real = self._predict_x0(
-                self.teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), _with_negative(cond, uncond)
-            )
-            real_x0 = guided(*real.chunk(2), self.hparams.guidance_scale)
+            if self.hparams.guidance_scale == 0:  # cond + 0 * (cond - uncond): the unconditional pass is not run
+                _, real_x0 = self._predict_x0(self.teacher, x_t, t, cond)
+            else:
+                _, real = self._predict_x0(
+                    self.teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), _with_negative(cond, uncond)
+                )
+                real_x0 = guided(*real.chunk(2), self.hparams.guidance_scale)
         grad = dmd_gradient(x, fake_x0, real_x0)
         return dmd_loss(x, grad, mask), {"dmd_grad_abs": grad.abs().mean().float(), "dmd_t": t.float().mean()}
 
