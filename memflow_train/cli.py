@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from memflow_train.errors import run_command
-from memflow_train.memory import MemoryPolicy
+from memflow_train.memory import MemoryPolicy, memory_policy
 from memflow_train.models.loading import deepspeed_client_state, is_deepspeed_checkpoint
 from memflow_train.models.trust import safe_load
 from memflow_train.progress import StepProgressBar
@@ -90,6 +90,7 @@ class MemflowCLI(LightningCLI):
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         default_wandb_offline()
+        self._argv = list(args) if isinstance(args, list | tuple) else sys.argv[1:] if args is None else []
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("save_config_callback", LoggedConfigCallback)
         super().__init__(
@@ -101,6 +102,28 @@ class MemflowCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse a memory option given as a flag that the finally selected policy does not take: jsonargparse
+        drops it silently when a later --model.init_args.memory switches the class."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        memory = (config.get("model") or {}).get("init_args", {}).get("memory") if config.get("model") else None
+        path = memory.get("class_path") if memory is not None and hasattr(memory, "get") else None
+        if path is None:
+            return
+        try:
+            takes = {f.name for f in dataclasses.fields(memory_policy({"class_path": path}))}
+        except (ValueError, TypeError):
+            return
+        for arg in self._argv:
+            given = re.match(r"--model\.init_args\.memory\.(?:init_args\.)?(\w+)(?:=|$)", str(arg))
+            if given and given.group(1) not in ("class_path", "init_args") and given.group(1) not in takes:
+                raise ValueError(
+                    f"{arg.split('=')[0]}: the memory policy {path} takes no option {given.group(1)!r} (given before "
+                    f"--model.init_args.memory switched the class, it would be dropped); give the policy's options "
+                    f"after the switch. Its options: {', '.join(sorted(takes))}"
+                )
 
     def _parse_ckpt_path(self) -> None:
         """Resume with the configured model settings where they may change, refuse where they may not.
@@ -296,6 +319,27 @@ def _nested_suggestion(text: str) -> str | None:
     return f"model.init_args.{group}.init_args.{close[0]}" if close else None
 
 
+def _class_hint(text: str) -> str | None:
+    """What an unknown option's class takes, or the closest name for a class_path that names nothing."""
+    found = re.search(r"Problem with given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", text)
+    if found is not None:
+        module, _, name = found.group(1).rpartition(".")
+        try:
+            members = _members(getattr(importlib.import_module(module), name)) or {}
+        except (ImportError, AttributeError):
+            return None
+        return f"{name} takes no option {found.group(2)!r}; its options: {', '.join(members)}"
+    found = re.search(r"module '([\w.]+)' has no attribute '(\w+)'", text)
+    if found is not None:
+        try:
+            names = [n for n in dir(importlib.import_module(found.group(1))) if not n.startswith("_")]
+        except ImportError:
+            return None
+        close = difflib.get_close_matches(found.group(2), names, n=1, cutoff=0.5)
+        return f"did you mean {found.group(1)}.{close[0]}?" if close else None
+    return None
+
+
 def _cli(argv: list[str] | None) -> None:
     debug = os.environ.get("MEMFLOW_TRAIN_TRACEBACK") == "1"
     try:
@@ -317,6 +361,8 @@ def _cli(argv: list[str] | None) -> None:
                 bad = re.search(r"Option '(\w+)' is not accepted", text).group(1)
                 flag = any(arg.startswith("--") and bad in arg for arg in (argv if argv is not None else sys.argv))
             text += f"\ndid you mean --{suggestion}?" if flag else f"\ndid you mean {suggestion} (in the config)?"
+        elif (hint := _class_hint(text)) is not None:
+            text += f"\n{hint}"
         raise ValueError(text) from None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -22,15 +23,40 @@ _NOISE = ("Given value", "Expected a <class 'NoneType'>", "Subtypes:", "Does not
 
 
 def short_error(text: str) -> list[str]:
-    """The lines of a jsonargparse error that say what is wrong (no Union bookkeeping, no config dump)."""
+    """The lines of a jsonargparse error that say what is wrong (no Union bookkeeping, no config dump).
+
+    A reason given for one key (a value of the wrong type) is prefixed with the key's full path
+    (model.init_args.memory.init_args.read_topk: Expected a <class 'int'>, got abc); a reason a class
+    gives for its own arguments (its validation error) is kept as it is."""
     out: list[str] = []
     lines = text.splitlines()
+    context: list[tuple[int, str]] = []  # enclosing 'Parser key "k"' (the key) and class_path lines ("")
+    keyed: dict[str, int] = {}  # key path -> index in out of the reason given for it
     for i, line in enumerate(lines):
+        indent = len(line) - len(line.lstrip())
         s = line.strip().removeprefix("- ")
-        if not s or s.startswith(_NOISE) or s.startswith("Parser key"):
+        while context and context[-1][0] >= indent:
+            context.pop()
+        if key := re.match(r'(?:error: )?Parser key "([^"]+)"', s):
+            context.append((indent, key.group(1)))
             continue
         if s.startswith("Problem with given class_path") and i + 1 < len(lines):
+            context.append((indent, ""))
             continue  # its reason follows on the next line
+        path = ".".join(k if k else "init_args" for _, k in context).removesuffix(".init_args")
+        leaf = bool(context) and context[-1][1] != ""
+        if leaf and s.startswith("Given value:") and path in keyed:
+            value = s.removeprefix("Given value:").strip()
+            if len(value) <= 60 and "Got value" not in out[keyed[path]]:
+                out[keyed[path]] += f", got {value}"
+            continue
+        if not s or s.startswith(_NOISE):
+            continue
+        if leaf and path not in keyed:
+            s = f"{path}: {s}"
+            keyed[path] = len(out)
+        elif leaf:
+            continue  # a second reason for the same key (another Union member's)
         if s not in out:
             out.append(s)
     return out or [lines[0] if lines else text]

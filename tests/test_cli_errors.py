@@ -27,13 +27,24 @@ DEMO = ["fit", "--config", "configs/demo.yaml", "--trainer.max_steps=1"]
         (["--model.init_args.memory", "memflow_train.memory.SlowFastMemory",
           "--model.init_args.memory.init_args.surprise_threshold", "3"], "memory.surprise_threshold must be"),
         (["--model.init_args.memory", "memflow_train.memory.Nope"], "memflow_train.memory.Nope"),
+        (["--model.init_args.memory", "memflow_train.memory.SlowFast"],
+         "did you mean memflow_train.memory.SlowFastMemory?"),
+        (["--model.init_args.memory", "SurpriseGatedBank", "--model.init_args.memory.init_args.read_topk", "abc"],
+         "model.init_args.memory.init_args.read_topk: Expected a <class 'int'>, got abc"),
+        (["--model.init_args.num_frames", "abc"], "model.init_args.num_frames: Expected a <class 'int'>"),
+        (["--model.init_args.memory", "SurpriseGatedBank", "--model.init_args.memory.init_args.sma", "false"],
+         "SurpriseGatedBank takes no option 'sma'; its options: sink_size,"),
+        (["--model.init_args.memory.init_args.bank_size", "1", "--model.init_args.memory",
+          "memflow_train.memory.SlowFastMemory"], "--model.init_args.memory.init_args.bank_size: the memory policy "
+         "memflow_train.memory.SlowFastMemory takes no option 'bank_size' (given before --model.init_args.memory "
+         "switched the class, it would be dropped)"),
     ],
 )  # fmt: skip
 def test_config_errors_are_short(flags: list[str], message: str) -> None:
     with pytest.raises(SystemExit) as exit_:
         run([*DEMO, *flags])
     text = str(exit_.value.code)
-    assert message in text
+    assert message in text, text
     assert len(text.splitlines()) <= 4 and "Given value" not in text and "Traceback" not in text
 
 

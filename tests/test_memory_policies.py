@@ -261,7 +261,7 @@ def test_slow_fast_memory_consolidates_by_surprisal() -> None:
         slots.append(new)
     assert merged and opened  # both rules ran
     assert memory.frames()[0].tolist() == [s["first"] for s in slots]
-    assert memory.counts.tolist() == [s["count"] for s in slots]
+    assert memory.counts.tolist() == [[s["count"] for s in slots]]
     torch.testing.assert_close(memory.k[0].double(), torch.stack([s["k"][0] for s in slots], 1), atol=1e-5, rtol=0)
     torch.testing.assert_close(memory.v[0].double(), torch.stack([s["v"][0] for s in slots], 1), atol=1e-5, rtol=0)
 
@@ -413,3 +413,43 @@ def test_the_study_variants_switch_the_policy_and_keep_the_stage_geometry() -> N
     for name, flags in VARIANTS.items():
         cli = MemflowCLI(args=["--config", str(REPO / "configs" / "demo.yaml"), *flags], run=False)
         assert cli.model.memory == expected[name], name
+
+
+def test_a_policy_whose_budget_is_negative_is_refused_even_without_its_own_checks() -> None:
+    @dataclass(frozen=True)
+    class Unchecked(MemoryPolicy):
+        size: int = -1
+
+        @property
+        def budget(self) -> int:
+            return self.size
+
+    with pytest.raises(ValueError, match=r"Unchecked.budget \(the most memory frames a layer holds\) must be >= 0"):
+        Unchecked()
+
+
+@pytest.mark.parametrize(
+    "memory",
+    [
+        NAM(**GEOMETRY, bank_size=2, record_interval=1),
+        SurpriseGatedBank(**GEOMETRY, bank_size=2, read_topk=1),
+        SlowFastMemory(**GEOMETRY, slow_size=2),
+        RecentFrames(**GEOMETRY, keep=2),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_samples_switching_at_different_frames_share_a_stream(memory: MemoryPolicy) -> None:
+    """Sample 0 switches at frame 9, sample 1 at 21, sample 2 never: each recache re-encodes the switching
+    sample's rows and keeps the others', which needs every memory state tensor batch-first (3 samples, 2 slots)."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    sampler = StreamingGenerator(model, FlowMatchSchedule(), [1000], memory)
+    g = torch.Generator().manual_seed(1)
+    texts = [model.encode_text(torch.randn(3, 5, 16, generator=g)) for _ in range(2)]
+    noise = torch.randn(3, model.config.in_channels, 30, 4, 6, generator=g)
+    starts, real = torch.tensor([[0, 9], [0, 21], [0, -1]]), torch.tensor([[True, True], [True, True], [True, False]])
+    prompts = PromptSchedule.per_sample(texts, starts, real)
+    stream = sampler.new_stream()
+    with torch.no_grad():
+        out = sampler.rollout(stream, noise, prompts)
+    assert torch.isfinite(out).all() and all(len(layer.memory) > 0 for layer in stream.cache.layers)

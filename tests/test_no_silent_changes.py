@@ -89,7 +89,7 @@ def test_memory_ranges_hold_whatever_the_mode(settings: dict, message: str) -> N
     ("mode", "knobs", "message"),
     [
         ("off", {"bank_size": 4, "record_interval": 2}, r"--bank-size 4, --record-interval 2: no effect, the memory "
-         r"is off \(--memory off\); drop them or pass --memory on or --memory sma"),
+         r"is off \(--memory off\); drop them or pass --memory on, --memory sma or another policy that reads them"),
         ("on", {"sma_topk": 1}, r"--sma-topk 1: no effect, SMA is off \(--memory on\); drop them or pass --memory sma"),
         (None, {"sma_include_sink": False}, r"--sma-include-sink False: no effect, SMA is off \(the recipe's memory"),
         ("off", {"prototype": "relevance_merge"}, "--prototype relevance_merge: no effect"),

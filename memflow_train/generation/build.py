@@ -131,7 +131,7 @@ def with_memory_flags(memory: MemoryPolicy, mode: str | None, **knobs: Any) -> M
         flags = ", ".join(f"--{k.replace('_', '-')} {given[k]}" for k in idle)
         source = f"--memory {mode}" if mode is not None else "the recipe's memory settings"
         if isinstance(out, MemoryFree):
-            state, how = "the memory is off", "--memory on or --memory sma"
+            state, how = "the memory is off", "--memory on, --memory sma or another policy that reads them"
         elif isinstance(out, NAM) and out.bank_size and all(k.startswith("sma_") for k in idle):
             state, how = "SMA is off", "--memory sma"
         else:

@@ -1,6 +1,6 @@
 """python -m memflow_train.generation: narratives -> mp4 videos, streamed chunk by chunk.
 
-  python -m memflow_train.generation narratives.jsonl --checkpoint outputs/demo/checkpoints/last.ckpt \\
+  python -m memflow_train.generation narratives.jsonl --checkpoint outputs/demo/logs/version_0/checkpoints/last.ckpt \\
       --config configs/demo.yaml --text-encoder ~/.cache/memflow_train/demo-v1-... --output videos/
 
 The generator comes from --checkpoint (anything memflow_train.models.load_transformer loads: diffusers or

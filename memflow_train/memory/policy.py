@@ -95,7 +95,9 @@ class LayerMemory(ABC):
         """Every tensor held (for memory accounting)."""
 
     @abstractmethod
-    def state_dict(self) -> dict: ...
+    def state_dict(self) -> dict:
+        """Plain data; every tensor batch-first (dim 0: the sample), so that a recache of some samples of a batch
+        can keep the other samples' rows (memflow_train.rollout.streaming)."""
 
     @abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
@@ -138,6 +140,7 @@ class MemoryPolicy:
     def __post_init__(self) -> None:
         for key in ("sink_size", "local_attn_size", "num_frame_per_block"):
             whole(f"memory.{key}", getattr(self, key))
+        whole(f"{type(self).__name__}.budget (the most memory frames a layer holds)", self.budget, low=0)
         self.window  # validates the window geometry  # noqa: B018
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:

@@ -53,8 +53,10 @@ class SlowStore(FrameStore):
 
     def reset(self) -> None:
         super().reset()
-        self.counts: torch.Tensor | None = None  # (n,) frames merged into each slot
-        self.last: torch.Tensor | None = None  # (n,) newest frame merged into each slot
+        # (B, n), the same in every row (decisions are per batch); batch-first like every state tensor, so that a
+        # recache of some samples keeps the other samples' rows (rollout.streaming._keep_rows)
+        self.counts: torch.Tensor | None = None  # frames merged into each slot
+        self.last: torch.Tensor | None = None  # newest frame merged into each slot
 
     def newest_frame(self) -> int:
         return -1 if self.last is None else int(self.last.max())
@@ -75,7 +77,7 @@ class SlowStore(FrameStore):
             i, j = divmod(int(pair.argmax()), pair.shape[1])
             i, j = min(i, j), max(i, j)
             self._merge_into(
-                i, self.k[:, :, j : j + 1], self.v[:, :, j : j + 1], int(self.counts[j]), int(self.last[j])
+                i, self.k[:, :, j : j + 1], self.v[:, :, j : j + 1], int(self.counts[0, j]), int(self.last[0, j])
             )
             self._drop(j)
         self._open(k, v, frame)
@@ -83,16 +85,18 @@ class SlowStore(FrameStore):
     def _open(self, k: torch.Tensor, v: torch.Tensor, frame: int) -> None:
         self._insert(k, v, frame)
         at = int((self.held[0] == frame).nonzero()[0])
-        one, it = torch.ones(1, dtype=torch.long), torch.full((1,), frame, dtype=torch.long)
+        b = self.held.shape[0]
+        one = torch.ones(b, 1, dtype=torch.long, device=self.held.device)
+        it = torch.full((b, 1), frame, dtype=torch.long, device=self.held.device)
         if self.counts is None:
             self.counts, self.last = one, it
         else:
-            self.counts = torch.cat([self.counts[:at], one, self.counts[at:]])
-            self.last = torch.cat([self.last[:at], it, self.last[at:]])
+            self.counts = torch.cat([self.counts[:, :at], one, self.counts[:, at:]], 1)
+            self.last = torch.cat([self.last[:, :at], it, self.last[:, at:]], 1)
 
     def _merge_into(self, slot: int, k: torch.Tensor, v: torch.Tensor, count: int, last: int) -> None:
         """Consolidate `count` frames whose mean is k, v (B, H, 1, T, D) into slot: running mean, in float32."""
-        c = int(self.counts[slot])
+        c = int(self.counts[0, slot])
         w = count / (c + count)
 
         def mix(store: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -101,14 +105,14 @@ class SlowStore(FrameStore):
 
         self.k, self.v = mix(self.k, k), mix(self.v, v)
         self.counts = self.counts.clone()
-        self.counts[slot] = c + count
+        self.counts[:, slot] = c + count
         self.last = self.last.clone()
-        self.last[slot] = max(int(self.last[slot]), last)
+        self.last[:, slot] = max(int(self.last[0, slot]), last)
 
     def _drop(self, slot: int) -> None:
         keep = [i for i in range(len(self)) if i != slot]
         super()._drop(slot)
-        self.counts, self.last = self.counts[keep], self.last[keep]
+        self.counts, self.last = self.counts[:, keep], self.last[:, keep]
         if not keep:
             self.counts = self.last = None
 
