@@ -25,6 +25,7 @@ from memflow_train.memory import (
     memory_policy,
 )
 from memflow_train.memory.frame_store import FrameStore
+from memflow_train.memory.frames import FrameRun
 from memflow_train.methods import StreamingLongTuning
 from memflow_train.methods.hparams import plain
 from memflow_train.rollout import PromptSchedule, StreamingGenerator
@@ -62,8 +63,8 @@ class RecentFrames(MemoryPolicy):
 class RecentStore(FrameStore):
     def admit(self, k: torch.Tensor, v: torch.Tensor, frame: int) -> None:
         if len(self) >= self.config.keep:
-            self._drop(0)
-        self._insert(k, v, frame)
+            self.drop(0)
+        self.insert(k, v, frame)
 
 
 # ------------------------------------------------------------------------------------- rollouts
@@ -172,10 +173,10 @@ def _sim(a: list[list[float]], b: list[list[float]]) -> float:
 
 
 def _offer(memory, frames: list[torch.Tensor], keys: list[torch.Tensor] | None = None) -> None:
-    """Each frame written (one-frame chunks, no sink) and then out of the window at once."""
+    """Each frame (1, H, T, D) evicted from the window and committed before the next chunk."""
     for f, v in enumerate(frames):
         k = keys[f] if keys is not None else v
-        memory.record(k, v, f, 1, None)
+        memory.evict(FrameRun(k, v, f, 1))
         memory.commit(f + 1, None)
 
 
@@ -216,7 +217,7 @@ def test_surprise_gated_bank_routes_the_frames_most_relevant_to_the_prompt() -> 
     memory = policy.new_layer_memory()
     frames = [torch.tensor(xy).expand(1, 1, 2, 2) for xy in ([2.0, 1.0], [1.0, -2.0], [-1.0, 3.0])]  # all novel
     _offer(memory, frames[:2])
-    memory.record(frames[2], frames[2], 2, 1, None)
+    memory.evict(FrameRun(frames[2], frames[2], 2, 1))
     text = TextKeys(torch.tensor([[[[0.0, 1.0]]]]))  # relevance = the keys' second coordinate
     memory.commit(3, text)
     # keys' second coordinates: 1, -2, 3 -> frames 0 and 2, in temporal order
@@ -272,7 +273,7 @@ def test_per_frame_policies_skip_the_sink_and_refuse_to_rewind_past_what_they_ho
     frames = _frames(6)
     _offer(memory, frames)
     assert min(memory.frames()[0].tolist()) >= 2  # frames 0 and 1 are the sink's
-    memory.record(frames[0], frames[0], 6, 1, None)
+    memory.evict(FrameRun(frames[0], frames[0], 6, 1))
     memory.rewind(6)  # the pending frame is forgotten
     assert memory.pending == []
     newest = memory.newest_frame()
@@ -362,11 +363,25 @@ def test_streaming_long_tuning_resumes_exactly_with_each_policy(memory: MemoryPo
 
 
 @pytest.mark.parametrize("memory", [SurpriseGatedBank(bank_size=1), SlowFastMemory(slow_size=1)], ids=str)
-def test_self_forcing_trains_with_each_policy(memory: MemoryPolicy) -> None:
+def test_self_forcing_trains_with_each_policy(memory: MemoryPolicy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """12 frames, window 6: frames 3-5 leave the window before the last chunk, which reads them from the memory
+    (with gradients through the rollout); the generator's weights move."""
+    from memflow_train.memory import LayerKVCache
+
+    reads = []
+    reader = LayerKVCache.reader
+
+    def counting_reader(self, chunk_start, num_frames):
+        read = self.memory.read(self.visible_runs(chunk_start, num_frames)[0]) if self.memory is not None else None
+        reads.append(0 if read is None else read.k.shape[2])
+        return reader(self, chunk_start, num_frames)
+
+    monkeypatch.setattr(LayerKVCache, "reader", counting_reader)
     module = dmd_module(memory=dataclasses.replace(memory, **GEOMETRY), num_frames=12)
     before = [p.detach().clone() for p in module.generator.parameters()]
     fit(module, steps=2)
     assert any(not torch.equal(a, b) for a, b in zip(before, module.generator.parameters(), strict=True))
+    assert max(reads) == 1  # budget 1, read by the chunks after frame 6
 
 
 def test_a_users_policy_is_selected_from_yaml(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """A layer memory of whole past frames, offered one by one as they leave the local window.
 
-The shared part of the per-frame policies (SurpriseGatedBank, SlowFastMemory): frames written into the window
-wait as candidates (views of the written keys/values) until the window no longer holds them; then the policy's
-`admit` decides what enters. Frames inside the sink are never offered (the sink keeps them in view). Held frames
+The shared part of the per-frame policies (SurpriseGatedBank, SlowFastMemory): the frames the local window drops
+(LayerMemory.evict: views of the cache's storage, no copy while the window holds them) wait until the next
+chunk's commit, where the policy's `admit` decides what enters. Frames inside the sink are never offered (the sink keeps them in view). Held frames
 are (B, H, n, T, D) post-RoPE keys/values at their original positions, in temporal order, with their absolute
 frame index (B, n). Decisions are made per batch: samples of a batch share the timeline and hold the same frame
 slots (their contents differ).
@@ -47,13 +47,11 @@ class FrameStore(LayerMemory):
     def frames(self) -> torch.Tensor | None:
         return self.held
 
-    def record(self, k: torch.Tensor, v: torch.Tensor, start: int, num_frames: int, text: TextKeys | None) -> None:
-        kf, vf = k.detach().unflatten(2, (num_frames, -1)), v.detach().unflatten(2, (num_frames, -1))
-        waiting = {f for _, _, f in self.pending}
-        for i in range(num_frames):
-            frame = start + i
-            if frame >= self.config.sink_size and frame not in waiting:
-                self.pending.append((kf[:, :, i], vf[:, :, i], frame))
+    def evict(self, run: FrameRun) -> None:
+        kf, vf = run.frames_view(run.k), run.frames_view(run.v)
+        for i in range(run.num_frames):
+            if run.start + i >= self.config.sink_size:
+                self.pending.append((kf[:, :, i], vf[:, :, i], run.start + i))
 
     def commit(self, window_start: int, text: TextKeys | None) -> None:
         while self.pending and self.pending[0][2] < window_start:
@@ -71,7 +69,7 @@ class FrameStore(LayerMemory):
     def read(self, sink_runs: list[FrameRun]) -> MemoryRead | None:
         return MemoryRead(self.k, self.v) if len(self) else None
 
-    def _insert(self, k: torch.Tensor, v: torch.Tensor, frame: int) -> None:
+    def insert(self, k: torch.Tensor, v: torch.Tensor, frame: int) -> None:
         """Add a slot, keeping temporal order."""
         b = k.shape[0]
         new = torch.full((b, 1), frame, dtype=torch.long, device=k.device)
@@ -83,7 +81,7 @@ class FrameStore(LayerMemory):
         self.v = torch.cat([self.v[:, :, :at], v[:, :, None], self.v[:, :, at:]], 2)
         self.held = torch.cat([self.held[:, :at], new, self.held[:, at:]], 1)
 
-    def _drop(self, slot: int) -> None:
+    def drop(self, slot: int) -> None:
         keep = [i for i in range(len(self)) if i != slot]
         if not keep:
             self.k = self.v = self.held = None

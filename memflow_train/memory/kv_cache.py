@@ -9,7 +9,8 @@ Protocol, per chunk (the backbone's streaming forward follows it):
   prepare(...)           once before the chunk: the memory takes in what left the window,
                          retrieving with the current prompt's text keys;
   kv_for_attention(...)  at every denoising step: the keys/values to attend (read only);
-  append(...)            at the clean re-run: write the chunk, evict, offer the frames to the memory.
+  append(...)            at the clean re-run: write the chunk (memory.record), evict what left the
+                         window (memory.evict).
 At a prompt switch, rewind(...) drops the frames a recache re-encodes (memory/recache.py).
 """
 
@@ -130,7 +131,8 @@ class LayerKVCache:
         text: TextKeys | None = None,
         write_from: int | None = None,
     ) -> None:
-        """Write a forward's keys/values (detached), evict what no later chunk can see, record candidates.
+        """Write a forward's keys/values (detached), offer them to the memory (record), evict what no later
+        chunk's window can see and hand it to the memory (evict).
 
         Frames below write_from (default chunk_start) were context only (a joint recache) and are
         not written, except into a sink that still lacks them. Raises ValueError when the
@@ -154,10 +156,13 @@ class LayerKVCache:
         if new is not None:
             keep = w.cached_window_frames
             self.local = new if self.local is None else self.local.append(new, None)
-            if keep is not None and self.local.num_frames > keep:
-                self.local = self.local.slice(self.local.stop - keep, self.local.stop) if keep else None
             if self.memory is not None:
                 self.memory.record(new.k, new.v, new.start, new.num_frames, text)
+            if keep is not None and self.local.num_frames > keep:
+                evicted = self.local.slice(self.local.start, self.local.stop - keep)
+                self.local = self.local.slice(self.local.stop - keep, self.local.stop) if keep else None
+                if self.memory is not None:
+                    self.memory.evict(evicted)
         self.next_frame = run.stop
 
     def rewind(self, frame: int, new_sink_start: int | None = None) -> None:

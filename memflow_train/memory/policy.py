@@ -35,7 +35,6 @@ CHOICES = {  # the allowed values of every geometry option that names a mode
     "recache_sink": ("keep", "reencode_early", "replace"),
     "context_noise": ("none", "schedule_table"),
 }
-GEOMETRY = ("sink_size", "local_attn_size", "num_frame_per_block", "recache", "recache_sink", "context_noise")
 
 
 @dataclass
@@ -63,13 +62,19 @@ class LayerMemory(ABC):
     commit(window_start, text)  before the chunk: frames that left the local window may enter the memory;
                                 retrieval may use the chunk's prompt (text keys of this layer, or None);
     read(sink_runs)             what the chunk's attention reads (may depend on its queries: MemoryRead.topk);
-    record(k, v, start, n, text)  after the clean re-run wrote frames [start, start + n) into the window.
+    record(k, v, start, n, text)  after the clean re-run wrote frames [start, start + n) into the window;
+    evict(run)                  then, the frames the window dropped (no later chunk's window sees them).
     At a prompt switch, rewind(frame) forgets what the recache writes again (frames >= frame).
     """
 
-    @abstractmethod
-    def record(self, k: torch.Tensor, v: torch.Tensor, start: int, num_frames: int, text: TextKeys | None) -> None:
-        """Frames just written, keys/values (B, H, num_frames * T, D), detached, post-RoPE."""
+    def record(  # noqa: B027 (a hook: policies override the calls they use)
+        self, k: torch.Tensor, v: torch.Tensor, start: int, num_frames: int, text: TextKeys | None
+    ) -> None:
+        """Frames just written, keys/values (B, H, num_frames * T, D), detached, post-RoPE (default: ignored)."""
+
+    def evict(self, run: FrameRun) -> None:  # noqa: B027 (a hook, as record)
+        """Frames the local window just dropped, oldest first (views of the cache's storage; default: ignored).
+        They are the frames that leave the window before the next chunk, so commit sees them next."""
 
     @abstractmethod
     def commit(self, window_start: int, text: TextKeys | None) -> None:
@@ -194,6 +199,9 @@ class MemoryFree(MemoryPolicy):
     """The empty policy: sink + local window only (LongLive / Self-Forcing's memory-free baseline)."""
 
 
+GEOMETRY = tuple(f.name for f in dataclasses.fields(MemoryPolicy))  # the options every policy shares
+
+
 def class_path(policy: MemoryPolicy | type[MemoryPolicy]) -> str:
     cls = policy if isinstance(policy, type) else type(policy)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -203,9 +211,6 @@ def plain_policy(policy: MemoryPolicy) -> dict[str, Any]:
     """{"class_path": ..., "init_args": {...}}: what a config or a checkpoint's hyperparameters hold."""
     args = {k: list(v) if isinstance(v, tuple) else v for k, v in policy.options().items()}
     return {"class_path": class_path(policy), "init_args": args}
-
-
-LEGACY_NAM_KEYS = ("bank_size", "record_interval", "prototype", "relevance_softmax", "record_cadence")
 
 
 def _resolve(path: str) -> type[MemoryPolicy]:
@@ -241,9 +246,8 @@ def memory_policy(value: MemoryPolicy | dict | None) -> MemoryPolicy | None:
     else:  # the plain fields of the old MemoryConfig
         enabled = value.pop("enabled", True)
         cls, args = (NAM if enabled else MemoryFree), value
-        if not enabled:
-            idle = ("sma", "sma_topk", "sma_include_sink", *LEGACY_NAM_KEYS)
-            args = {k: v for k, v in args.items() if k not in idle}
+        if not enabled:  # NAM's own options are idle then
+            args = {k: v for k, v in args.items() if k in GEOMETRY}
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(args) - set(names))
     if unknown:

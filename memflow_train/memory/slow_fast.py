@@ -65,25 +65,25 @@ class SlowStore(FrameStore):
         if self.held is None:
             self._open(k, v, frame)
             return
-        sims = similarity(descriptor(k), descriptor(self.k))
+        slots = descriptor(self.k)  # (B, H, n, D)
+        sims = similarity(descriptor(k), slots)
         best = int(sims.argmax())
         if 1.0 - float(sims[best]) < self.config.surprise_threshold:
             self._merge_into(best, k[:, :, None], v[:, :, None], 1, frame)
             return
         if len(self) >= self.config.slow_size:
-            d = descriptor(self.k)
-            pair = torch.einsum("bhnd,bhmd->nm", d, d)
+            pair = torch.einsum("bhnd,bhmd->nm", slots, slots)
             pair.fill_diagonal_(float("-inf"))
             i, j = divmod(int(pair.argmax()), pair.shape[1])
             i, j = min(i, j), max(i, j)
             self._merge_into(
                 i, self.k[:, :, j : j + 1], self.v[:, :, j : j + 1], int(self.counts[0, j]), int(self.last[0, j])
             )
-            self._drop(j)
+            self.drop(j)
         self._open(k, v, frame)
 
     def _open(self, k: torch.Tensor, v: torch.Tensor, frame: int) -> None:
-        self._insert(k, v, frame)
+        self.insert(k, v, frame)
         at = int((self.held[0] == frame).nonzero()[0])
         b = self.held.shape[0]
         one = torch.ones(b, 1, dtype=torch.long, device=self.held.device)
@@ -109,9 +109,9 @@ class SlowStore(FrameStore):
         self.last = self.last.clone()
         self.last[:, slot] = max(int(self.last[0, slot]), last)
 
-    def _drop(self, slot: int) -> None:
+    def drop(self, slot: int) -> None:
         keep = [i for i in range(len(self)) if i != slot]
-        super()._drop(slot)
+        super().drop(slot)
         self.counts, self.last = self.counts[:, keep], self.last[:, keep]
         if not keep:
             self.counts = self.last = None

@@ -73,7 +73,7 @@ class NoveltyGatedStore(FrameStore):
 
     def admit(self, k: torch.Tensor, v: torch.Tensor, frame: int) -> None:
         if self.held is None:
-            self._insert(k, v, frame)
+            self.insert(k, v, frame)
             return
         held = descriptor(self.v)  # (B, H, n, D)
         cand = descriptor(v)
@@ -81,7 +81,7 @@ class NoveltyGatedStore(FrameStore):
         if novelty < self.config.novelty_threshold:
             return
         if len(self) < self.config.bank_size:
-            self._insert(k, v, frame)
+            self.insert(k, v, frame)
             return
         every = torch.cat([held, cand[:, :, None]], 2)
         pair = torch.einsum("bhnd,bhmd->nm", every, every) / (every.shape[0] * every.shape[1])
@@ -89,8 +89,8 @@ class NoveltyGatedStore(FrameStore):
         redundancy = pair[:-1].max(1).values  # each held frame's highest similarity to another frame
         slot = int(redundancy.argmax())
         if novelty > 1.0 - float(redundancy[slot]):
-            self._drop(slot)
-            self._insert(k, v, frame)
+            self.drop(slot)
+            self.insert(k, v, frame)
 
     def route(self, text: TextKeys | None) -> None:
         self.routed = None
