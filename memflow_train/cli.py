@@ -108,13 +108,10 @@ class MemflowCLI(LightningCLI):
         drops it silently when a later --model.init_args.memory switches the class."""
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
-        memory = (config.get("model") or {}).get("init_args", {}).get("memory") if config.get("model") else None
-        path = memory.get("class_path") if memory is not None and hasattr(memory, "get") else None
-        if path is None:
-            return
         try:
+            path = config["model"]["init_args"]["memory"]["class_path"]
             takes = {f.name for f in dataclasses.fields(memory_policy({"class_path": path}))}
-        except (ValueError, TypeError):
+        except (KeyError, TypeError, ValueError):  # no memory policy in this model
             return
         for arg in self._argv:
             given = re.match(r"--model\.init_args\.memory\.(?:init_args\.)?(\w+)(?:=|$)", str(arg))
@@ -300,12 +297,12 @@ def did_you_mean(model_class: str | None, text: str) -> str | None:
     return None
 
 
-def _nested_suggestion(text: str) -> str | None:
-    """For an unknown key inside a class_path-selected argument of the model (its memory policy), e.g.
-    'Parser key "memory": Problem with given class_path 'memflow_train.memory.NAM': Option 'bank_sise' is not
-    accepted': the closest option of that class, as a full key (model.init_args.memory.init_args.bank_size)."""
+def _unknown_option(text: str) -> tuple[str | None, str, dict[str, Any], str] | None:
+    """(the model argument it sits in, or None; the class; its options; the key) for an unknown key inside a
+    class_path-selected argument, e.g. 'Parser key "memory": Problem with given class_path
+    'memflow_train.memory.NAM': Option 'bank_sise' is not accepted'."""
     found = re.search(
-        r"Parser key \"(\w+)\":\s*Problem with given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", text
+        r"(?:Parser key \"(\w+)\":\s*)?Problem with given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", text
     )
     if found is None:
         return None
@@ -315,20 +312,25 @@ def _nested_suggestion(text: str) -> str | None:
         members = _members(getattr(importlib.import_module(module), name)) or {}
     except (ImportError, AttributeError):
         return None
+    return group, name, members, key
+
+
+def _nested_suggestion(text: str) -> str | None:
+    """For an unknown key of the model's memory policy (or another class_path-selected argument of the model):
+    the closest option of that class, as a full key (model.init_args.memory.init_args.bank_size)."""
+    found = _unknown_option(text)
+    if found is None or found[0] is None:
+        return None
+    group, _, members, key = found
     close = difflib.get_close_matches(key, list(members), n=1)
     return f"model.init_args.{group}.init_args.{close[0]}" if close else None
 
 
 def _class_hint(text: str) -> str | None:
     """What an unknown option's class takes, or the closest name for a class_path that names nothing."""
-    found = re.search(r"Problem with given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", text)
-    if found is not None:
-        module, _, name = found.group(1).rpartition(".")
-        try:
-            members = _members(getattr(importlib.import_module(module), name)) or {}
-        except (ImportError, AttributeError):
-            return None
-        return f"{name} takes no option {found.group(2)!r}; its options: {', '.join(members)}"
+    if (found := _unknown_option(text)) is not None:
+        _, name, members, key = found
+        return f"{name} takes no option {key!r}; its options: {', '.join(members)}"
     found = re.search(r"module '([\w.]+)' has no attribute '(\w+)'", text)
     if found is not None:
         try:

@@ -26,7 +26,6 @@ from memflow_train.models.text_encoder import WanTextEncoder
 from memflow_train.models.vae import VideoAutoencoder
 from memflow_train.models.vae import load_vae as load_autoencoder
 
-MEMORY_MODES = ("on", "off", "sma")  # NAM, MemoryFree, NAM + SMA; any other value names a policy class
 MEMORY_KNOBS = (  # the built-in policies' options, each a flag (refused, named, where the policy does not read it)
     "bank_size",
     "record_interval",
