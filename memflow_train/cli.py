@@ -110,7 +110,7 @@ class MemflowCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         try:
             path = config["model"]["init_args"]["memory"]["class_path"]
-            takes = {f.name for f in dataclasses.fields(memory_policy({"class_path": path}))}
+            takes = [f.name for f in dataclasses.fields(memory_policy({"class_path": path}))]
         except (KeyError, TypeError, ValueError):  # no memory policy in this model
             return
         for arg in self._argv:
@@ -119,7 +119,7 @@ class MemflowCLI(LightningCLI):
                 raise ValueError(
                     f"{arg.split('=')[0]}: the memory policy {path} takes no option {given.group(1)!r} (given before "
                     f"--model.init_args.memory switched the class, it would be dropped); give the policy's options "
-                    f"after the switch. Its options: {', '.join(sorted(takes))}"
+                    f"after the switch. Its options: {', '.join(takes)}"
                 )
 
     def _parse_ckpt_path(self) -> None:
@@ -363,7 +363,7 @@ def _cli(argv: list[str] | None) -> None:
                 bad = re.search(r"Option '(\w+)' is not accepted", text).group(1)
                 flag = any(arg.startswith("--") and bad in arg for arg in (argv if argv is not None else sys.argv))
             text += f"\ndid you mean --{suggestion}?" if flag else f"\ndid you mean {suggestion} (in the config)?"
-        elif (hint := _class_hint(text)) is not None:
+        if (hint := _class_hint(text)) is not None:  # what the class takes (a suggestion can be a near miss)
             text += f"\n{hint}"
         raise ValueError(text) from None
 
