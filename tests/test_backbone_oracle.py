@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
@@ -136,8 +138,51 @@ def test_sample_prediction_returns_the_flow_of_diffusers_output_as_x0(pair) -> N
     assert torch.allclose(ours(x, per_frame, text), (x - x0) / sigma, atol=1e-5)
 
 
+@torch.no_grad()
+def test_preconditioned_prediction_is_edms_skip_and_output_scaling_of_diffusers_output(pair) -> None:
+    """prediction_type "preconditioned": x0 = c_skip x_t + c_out F with F diffusers' forward (same weights),
+    c_skip = a s_d^2 / (a^2 s_d^2 + sigma^2), c_out = sigma s_d / sqrt(a^2 s_d^2 + sigma^2), a = 1 - sigma (EDM,
+    Karras et al. 2022, Table 1, on the rectified-flow path); the forward returns (x_t - x0) / sigma, and at
+    sigma = 0 its limit -x_t - F. Per-frame timesteps too."""
+    ref, _ = pair
+    data = 0.5
+    ours = CausalWanTransformer(**wan_config("tiny", prediction_type="preconditioned", sigma_data=data)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, _, text = tiny_inputs(batch=3, frames=4)
+    t = torch.tensor([1000.0, 400.0, 0.0])
+    out = ref(x, t, text, return_dict=False)[0]
+    got = ours(x, t, text)
+    for i, sigma in enumerate([1.0, 0.4]):
+        a = 1 - sigma
+        c_skip = a * data**2 / (a**2 * data**2 + sigma**2)
+        c_out = sigma * data / math.sqrt(a**2 * data**2 + sigma**2)
+        x0 = c_skip * x[i] + c_out * out[i]
+        assert torch.allclose(got[i], (x[i] - x0) / sigma, atol=1e-5)
+    assert torch.allclose(got[2], -x[2] - out[2], atol=1e-5)
+    per_frame = torch.tensor([[1000.0, 500.0, 250.0, 125.0]]).expand(3, 4)
+    tokens = x.shape[-2] * x.shape[-1] // 4
+    out = ref(x, per_frame.repeat_interleave(tokens, dim=1), text, return_dict=False)[0]
+    sigma = (per_frame / 1000)[:, None, :, None, None]
+    a = 1 - sigma
+    x0 = a * data**2 / (a**2 * data**2 + sigma**2) * x + sigma * data / (a**2 * data**2 + sigma**2).sqrt() * out
+    assert torch.allclose(ours(x, per_frame, text), (x - x0) / sigma, atol=1e-5)
+    per_channel = [0.5, 2.0, 1.0, 0.1]  # one data RMS per latent channel
+    ours.register_to_config(sigma_data=per_channel)
+    t = torch.tensor([600.0, 600.0, 600.0])
+    out, got = ref(x, t, text, return_dict=False)[0], ours(x, t, text)
+    for c, data in enumerate(per_channel):
+        d = math.sqrt(0.4**2 * data**2 + 0.6**2)
+        x0 = 0.4 * data**2 / d**2 * x[:, c] + 0.6 * data / d * out[:, c]
+        assert torch.allclose(got[:, c], (x[:, c] - x0) / 0.6, atol=1e-5)
+
+
 def test_prediction_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="prediction_type must be one of"):
         CausalWanTransformer(**wan_config("tiny", prediction_type="epsilon"))
     with pytest.raises(ValueError, match="sample_sigma_floor"):
         CausalWanTransformer(**wan_config("tiny", sample_sigma_floor=0.0))
+    for bad in (0.0, -1.0, [1.0, 1.0, 0.0, 1.0]):
+        with pytest.raises(ValueError, match="sigma_data"):
+            CausalWanTransformer(**wan_config("tiny", sigma_data=bad))
+    with pytest.raises(ValueError, match=r"sigma_data: one value per latent channel \(4\), got 3"):
+        CausalWanTransformer(**wan_config("tiny", sigma_data=[1.0, 1.0, 1.0]))
