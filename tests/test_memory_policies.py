@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -116,9 +118,38 @@ def test_a_zero_budget_equals_memory_free_bit_for_bit(policy: type[MemoryPolicy]
 
 
 def test_nam_with_sma_and_a_zero_bank_warns_and_equals_memory_free() -> None:
-    with pytest.warns(IgnoredSettingWarning, match="memory.sma=true has no effect with memory.bank_size=0"):
+    with pytest.warns(IgnoredSettingWarning) as record:
         zero = NAM(**GEOMETRY, bank_size=0, sma=True, sma_topk=1)
+    messages = sorted(str(w.message) for w in record)
+    assert messages == [
+        "memory.sma=True is not used: NAM never reads it when bank_size is 0",
+        "memory.sma_topk=1 is not used: NAM never reads it when bank_size is 0",
+    ]
     assert torch.equal(_rollout(zero)[0], _rollout(MemoryFree(**GEOMETRY))[0])
+
+
+@pytest.mark.parametrize(
+    ("policy", "idle", "why"),
+    [
+        (partial(NAM, bank_size=2, sma=False), {"sma_topk": 1, "sma_include_sink": False}, "sma is false"),
+        (partial(NAM, bank_size=0), {"record_interval": 2, "prototype": "relevance_merge"}, "bank_size is 0"),
+        (partial(SurpriseGatedBank, bank_size=0), {"novelty_threshold": 0.5, "read_topk": 1}, "bank_size is 0"),
+        (partial(SlowFastMemory, slow_size=0), {"surprise_threshold": 0.5}, "slow_size is 0"),
+    ],
+)
+def test_an_option_the_other_settings_leave_idle_is_named_unless_it_keeps_its_default(policy, idle, why) -> None:
+    """The program never silently drops what the user asked for: each idle option set to another value than its
+    default gets its own warning, naming the value and the setting that idles it; defaults say nothing."""
+    with pytest.warns(IgnoredSettingWarning) as record:
+        policy(**GEOMETRY, **idle)
+    assert sorted(str(w.message) for w in record) == sorted(
+        f"memory.{key}={value!r} is not used: {policy.func.__name__} never reads it when {why}"
+        for key, value in idle.items()
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        policy(**GEOMETRY)
+        NAM(**GEOMETRY, bank_size=2, sma=True, sma_topk=1, sma_include_sink=False)  # every option read
 
 
 @pytest.mark.parametrize(

@@ -344,7 +344,12 @@ def test_a_negative_prompt_the_batch_overrides_is_named_in_a_warning() -> None:
         warnings.simplefilter("error")
         module._texts(prompt_batch())  # once
         dmd_module()._texts(prompt_batch())  # the default negative prompt: nothing to say
-        dmd_module(negative_prompt="blurry", guidance_scale=0.0)._texts(prompt_batch())  # no uncond is used
+    with pytest.warns(IgnoredSettingWarning, match="negative_prompt 'blurry' is not used: .*guidance_scale 0 runs no"):
+        quiet = dmd_module(negative_prompt="blurry", guidance_scale=0.0)  # named once, when built
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet._texts(prompt_batch())
+        dmd_module(guidance_scale=0.0)._texts(prompt_batch())  # the default negative prompt: nothing to say
     with pytest.raises(ValueError, match="negative_prompt must be a string"):
         dmd_module(negative_prompt=3)
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
-from memflow_train.checks import IgnoredSettingWarning, whole
+from memflow_train.checks import whole
 from memflow_train.memory.policy import LayerMemory, MemoryPolicy
 
 CHOICES = {
@@ -56,13 +55,6 @@ class NAM(MemoryPolicy):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"memory.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         super().__post_init__()
-        if self.sma and not self.bank_size:
-            warnings.warn(
-                "memory.sma=true has no effect with memory.bank_size=0: the bank holds nothing (this policy "
-                "then equals memflow_train.memory.MemoryFree, the sink is read whole)",
-                IgnoredSettingWarning,
-                stacklevel=3,
-            )
 
     @property
     def budget(self) -> int:
@@ -73,13 +65,13 @@ class NAM(MemoryPolicy):
 
         return NarrativeMemoryBank(self) if self.bank_size else None
 
-    def unused_options(self) -> tuple[str, ...]:
+    def unused_options(self) -> dict[str, str]:
         """The bank's and SMA's options when the bank is empty (bank_size 0), SMA's when SMA is off."""
-        bank = ("record_interval", "prototype", "relevance_softmax", "record_cadence")
+        bank = ("record_interval", "prototype", "relevance_softmax", "record_cadence", "sma")
         sma = ("sma_topk", "sma_include_sink")
         if not self.bank_size:
-            return (*bank, "sma", *sma)
-        return sma if not self.sma else ()
+            return {key: "bank_size is 0" for key in (*bank, *sma)}
+        return {key: "sma is false" for key in sma} if not self.sma else {}
 
     @property
     def max_attended_frames(self) -> int:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from memflow_train.checks import whole
+from memflow_train.checks import IgnoredSettingWarning, whole
 from memflow_train.memory.frames import FrameRun
 from memflow_train.memory.relevance import TextKeys
 from memflow_train.memory.window import AttentionWindow
@@ -158,6 +159,14 @@ class MemoryPolicy:
             )
         if self.enabled and self.local_attn_size == -1:
             raise ValueError("memory.local_attn_size=-1 (unbounded window) leaves nothing for a memory to recall")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, why in self.unused_options().items():
+            if getattr(self, key) != defaults.get(key, getattr(self, key)):
+                warnings.warn(
+                    f"memory.{key}={getattr(self, key)!r} is not used: {type(self).__name__} never reads it when {why}",
+                    IgnoredSettingWarning,
+                    stacklevel=4,
+                )
 
     @property
     def budget(self) -> int:
@@ -173,9 +182,10 @@ class MemoryPolicy:
         """One layer's memory state; None when the policy keeps nothing."""
         return None
 
-    def unused_options(self) -> tuple[str, ...]:
-        """The options this policy's settings make idle (a zero budget idles the rest)."""
-        return ()
+    def unused_options(self) -> dict[str, str]:
+        """The options this policy's settings make idle, each with the setting that idles it (a zero budget
+        idles the rest). A value other than its default among them is named in an IgnoredSettingWarning."""
+        return {}
 
     @property
     def window(self) -> AttentionWindow:

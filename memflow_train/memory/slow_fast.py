@@ -42,8 +42,8 @@ class SlowFastMemory(MemoryPolicy):
     def new_layer_memory(self) -> LayerMemory | None:
         return SlowStore(self) if self.slow_size else None
 
-    def unused_options(self) -> tuple[str, ...]:
-        return ("surprise_threshold",) if not self.slow_size else ()
+    def unused_options(self) -> dict[str, str]:
+        return {"surprise_threshold": "slow_size is 0"} if not self.slow_size else {}
 
 
 class SlowStore(FrameStore):

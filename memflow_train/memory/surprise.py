@@ -53,8 +53,8 @@ class SurpriseGatedBank(MemoryPolicy):
     def new_layer_memory(self) -> LayerMemory | None:
         return NoveltyGatedStore(self) if self.bank_size else None
 
-    def unused_options(self) -> tuple[str, ...]:
-        return ("novelty_threshold", "read_topk") if not self.bank_size else ()
+    def unused_options(self) -> dict[str, str]:
+        return {key: "bank_size is 0" for key in ("novelty_threshold", "read_topk")} if not self.bank_size else {}
 
     @property
     def max_attended_frames(self) -> int:

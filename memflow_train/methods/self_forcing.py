@@ -183,6 +183,13 @@ class SelfForcingDMD(LightningModule):
         number("guidance_scale", guidance_scale, low=0)
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {negative_prompt!r}")
+        if guidance_scale == 0 and negative_prompt != WAN_NEGATIVE_PROMPT:
+            warnings.warn(
+                f"negative_prompt {negative_prompt!r} is not used: it is the teacher's unconditional prompt, and "
+                "guidance_scale 0 runs no unconditional pass",
+                IgnoredSettingWarning,
+                stacklevel=2,
+            )
         number_range("score_timestep_range", score_timestep_range, low=0, high=1000)
         if num_frames < memory.num_frame_per_block or num_frames % memory.num_frame_per_block:
             raise ValueError(
