@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
+from memflow_train.checks import IgnoredSettingWarning
 from memflow_train.models.attention import register_attention_backend
 from memflow_train.models.causal_wan import CausalWanTransformer
 from memflow_train.models.presets import wan_config
@@ -186,3 +188,10 @@ def test_prediction_settings_are_checked() -> None:
             CausalWanTransformer(**wan_config("tiny", sigma_data=bad))
     with pytest.raises(ValueError, match=r"sigma_data: one value per latent channel \(4\), got 3"):
         CausalWanTransformer(**wan_config("tiny", sigma_data=[1.0, 1.0, 1.0]))
+    with pytest.warns(IgnoredSettingWarning, match="sigma_data=0.5 is not used: only prediction_type 'preconditioned'"):
+        CausalWanTransformer(**wan_config("tiny", prediction_type="sample", sigma_data=0.5))
+    with pytest.warns(IgnoredSettingWarning, match="sample_sigma_floor=0.1 is not used: only prediction_type 'sample'"):
+        CausalWanTransformer(**wan_config("tiny", sample_sigma_floor=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CausalWanTransformer(**wan_config("tiny", prediction_type="preconditioned", sigma_data=0.5))

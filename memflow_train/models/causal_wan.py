@@ -24,6 +24,7 @@ carries the noise, the network predicts a target of unit variance at every noise
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -36,7 +37,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTimeTextImageEmbedding
 from torch.utils.checkpoint import checkpoint
 
-from memflow_train.checks import number
+from memflow_train.checks import IgnoredSettingWarning, number
 from memflow_train.memory.kv_cache import StreamingKVCache
 from memflow_train.memory.policy import MemoryPolicy
 from memflow_train.memory.relevance import TextKeys
@@ -284,6 +285,17 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
             )
         for value in sigma_data if isinstance(sigma_data, (list, tuple)) else [sigma_data]:
             number("sigma_data", value, low=0, low_open=True)
+        for key, value, default, reader in (
+            ("sample_sigma_floor", sample_sigma_floor, 0.05, "sample"),
+            ("sigma_data", sigma_data, 1.0, "preconditioned"),
+        ):
+            if value != default and prediction_type != reader:
+                warnings.warn(
+                    f"{key}={value!r} is not used: only prediction_type {reader!r} reads it, this network's is "
+                    f"{prediction_type!r}",
+                    IgnoredSettingWarning,
+                    stacklevel=2,
+                )
         if image_dim is not None or added_kv_proj_dim is not None or pos_embed_seq_len is not None:
             raise NotImplementedError("image-conditioned Wan (I2V/FLF2V) is not supported: text-to-video only")
         if qk_norm != "rms_norm_across_heads":
