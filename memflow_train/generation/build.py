@@ -128,8 +128,12 @@ def with_memory_flags(memory: MemoryPolicy, mode: str | None, **knobs: Any) -> M
     base = _memory_for_mode(memory, mode)
     takes = {f.name for f in dataclasses.fields(base)}
     idle = [k for k in given if k not in takes]
-    out = replace(base, **{k: v for k, v in given.items() if k in takes})
+    with warnings.catch_warnings(record=True) as caught:  # what the policy says about idle options, below
+        warnings.simplefilter("always")
+        out = replace(base, **{k: v for k, v in given.items() if k in takes})
     idle += [k for k in given if k in takes and k in out.unused_options()]
+    for warning in caught if not idle else ():
+        warnings.warn(warning.message, warning.category, stacklevel=2)
     if idle:
         flags = ", ".join(f"--{k.replace('_', '-')} {given[k]}" for k in idle)
         source = f"--memory {mode}" if mode is not None else "the recipe's memory settings"
