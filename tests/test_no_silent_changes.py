@@ -103,6 +103,19 @@ def test_memory_flags_the_mode_does_not_read_are_refused(mode: str | None, knobs
     assert with_memory_flags(NAM(), "off", sink_size=1, recache="joint").sink_size == 1  # still read
 
 
+@pytest.mark.parametrize(
+    ("mode", "knobs", "message"),
+    [
+        ("on", {"bank_size": -1}, r"--bank-size must be >= 0, got -1"),
+        ("memflow_train.memory.SlowFastMemory", {"slow_size": 2, "surprise_threshold": -0.5}, "--surprise-threshold"),
+        ("memflow_train.memory.SurpriseGatedBank", {"read_topk": 3}, r"--read-topk \(3\) must be below bank_size"),
+    ],
+)
+def test_a_bad_memory_knob_is_named_as_the_flag_the_user_typed(mode: str, knobs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        with_memory_flags(NAM(), mode, **knobs)
+
+
 def test_generation_refuses_memory_flags_before_loading_models(tmp_path: Path) -> None:
     (tmp_path / "n.txt").write_text("a\n")
     args = [str(tmp_path / "n.txt"), "--config", str(DEMO), "--output", str(tmp_path / "o"), "--num-frames", "6"]

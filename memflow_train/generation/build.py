@@ -130,7 +130,13 @@ def with_memory_flags(memory: MemoryPolicy, mode: str | None, **knobs: Any) -> M
     idle = [k for k in given if k not in takes]
     with warnings.catch_warnings(record=True) as caught:  # what the policy says about idle options, below
         warnings.simplefilter("always")
-        out = replace(base, **{k: v for k, v in given.items() if k in takes})
+        try:
+            out = replace(base, **{k: v for k, v in given.items() if k in takes})
+        except ValueError as error:  # the policy names its option; the user typed the flag
+            message = str(error)
+            for key in given:
+                message = message.replace(f"memory.{key}", f"--{key.replace('_', '-')}")
+            raise ValueError(message) from None
     idle += [k for k in given if k in takes and k in out.unused_options()]
     for warning in caught if not idle else ():
         warnings.warn(warning.message, warning.category, stacklevel=2)
