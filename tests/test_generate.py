@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from memflow_train.benchmarks.tensor_memory import PeakTensorMemory
+from memflow_train.checks import IgnoredSettingWarning
 from memflow_train.generation import Mp4Writer, StreamingVideoPipeline, read_narratives
 from memflow_train.generation.build import recipe_from_config, with_memory_flags
 from memflow_train.generation.cli import main
@@ -99,6 +101,12 @@ def test_memory_flags() -> None:
     assert on.enabled and not on.sma and on.sink_size == 1 and on.bank_size == 2
     assert with_memory_flags(NAM(), "sma", sma_topk=2).sma_topk == 2
     assert recipe_from_config(DEMO).memory == DEMO_MEMORY
+    with warnings.catch_warnings():  # --memory on: the recipe's SMA options are idle, back to their defaults
+        warnings.simplefilter("error")
+        on = with_memory_flags(NAM(bank_size=2, sma=True, sma_topk=1, sma_include_sink=False), "on")
+    assert on == NAM(bank_size=2)
+    with pytest.warns(IgnoredSettingWarning, match="memory.sma=True is not used: NAM never reads it when bank_size"):
+        with_memory_flags(NAM(bank_size=0), "sma")  # asked for, idle: said
 
 
 # ----------------------------------------------------------------------------------- decoding, writing

@@ -107,11 +107,13 @@ def _memory_for_mode(memory: MemoryPolicy, mode: str | None) -> MemoryPolicy:
         return memory.memory_free()
     if mode in ("on", "sma"):
         nam = memory if isinstance(memory, NAM) else NAM(**{k: getattr(memory, k) for k in GEOMETRY})
+        if mode == "sma":
+            return replace(nam, sma=True)
         with warnings.catch_warnings():  # the recipe's SMA options, idle with SMA off: back to their defaults
             warnings.simplefilter("ignore", IgnoredSettingWarning)
-            nam = replace(nam, sma=mode == "sma")
+            nam = replace(nam, sma=False)
         defaults = {f.name: f.default for f in dataclasses.fields(nam)}
-        return replace(nam, **{k: defaults[k] for k in nam.unused_options()})
+        return replace(nam, **{k: defaults[k] for k in nam.unused_options() if k.startswith("sma_")})
     cls = type(memory_policy({"class_path": mode}))
     shared = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in memory.options().items() if k in shared})
