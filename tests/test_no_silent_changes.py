@@ -444,3 +444,21 @@ def test_synthetic_narratives_refuse_a_negative_seed(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         synthetic_main(["narratives", "--out", str(tmp_path / "n.jsonl"), "--seed", "-5"])
     assert not (tmp_path / "n.jsonl").exists()
+
+
+def test_bidirectional_flow_matching_names_the_memory_settings_it_does_not_read() -> None:
+    """A bidirectional model (a teacher) reads the memory's chunk grid only and writes no cache."""
+    from memflow_train.memory import MemoryFree, SurpriseGatedBank
+    from memflow_train.methods import FlowMatchingFinetune
+
+    tiny = {"preset": "tiny"}
+    message = r"memory.bank_size=5, context_timestep=10.0 not used: bidirectional attention reads only memory.num_fr"
+    with pytest.warns(IgnoredSettingWarning, match=message):
+        FlowMatchingFinetune(model=tiny, attention="bidirectional", memory=NAM(bank_size=5), context_timestep=10.0)
+    with pytest.warns(IgnoredSettingWarning, match="memory SurpriseGatedBank not used"):
+        FlowMatchingFinetune(model=tiny, attention="bidirectional", memory=SurpriseGatedBank())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IgnoredSettingWarning)
+        FlowMatchingFinetune(model=tiny, attention="bidirectional", memory=MemoryFree(num_frame_per_block=2))
+        FlowMatchingFinetune(model=tiny, attention="bidirectional")
+        FlowMatchingFinetune(model=tiny, memory=NAM(bank_size=5), context_timestep=10.0)  # streaming reads them

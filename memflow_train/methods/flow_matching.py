@@ -20,6 +20,7 @@ use as their uncond, else the text encoder's `negative_prompt`.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Literal, Protocol
 
@@ -27,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 
-from memflow_train.checks import number, number_range, whole
-from memflow_train.memory import NAM, MemoryPolicy, memory_policy
+from memflow_train.checks import IgnoredSettingWarning, number, number_range, whole
+from memflow_train.memory import NAM, MemoryFree, MemoryPolicy, memory_policy
 from memflow_train.methods.ema import ParameterEMA
 from memflow_train.methods.hparams import coerce, save_plain_hyperparameters
 from memflow_train.methods.lora import add_lora
@@ -138,6 +139,8 @@ class FlowMatchingFinetune(LightningModule):
             raise ValueError(f"max_frames ({max_frames}) must be a positive multiple of num_frame_per_block ({n})")
         self.memory = memory
         self.attention = attention
+        if attention == "bidirectional":
+            _warn_unused_by_bidirectional(memory, context_timestep)
         self.schedule = FlowMatchSchedule(timestep_shift)
         # Its cache writes and recache are the streaming path's (the denoising steps are not used here).
         self.writer = StreamingGenerator(self.model, self.schedule, [1000], memory, context_timestep)
@@ -398,3 +401,26 @@ def _mean_over_valid(per_chunk: torch.Tensor, sample_chunks: torch.Tensor | None
         return per_chunk.mean()
     valid = torch.arange(per_chunk.shape[1], device=per_chunk.device)[None] < sample_chunks[:, None]
     return (per_chunk * valid).sum() / valid.sum()
+
+
+def _warn_unused_by_bidirectional(memory: MemoryPolicy, context_timestep: float) -> None:
+    """Bidirectional attention reads the memory's chunk grid only and writes no cache: a policy other than NAM
+    (the default) or MemoryFree, a memory option other than its default, or a context_timestep other than 0 is
+    named in an IgnoredSettingWarning."""
+    defaults = {f.name: f.default for f in dataclasses.fields(memory)}
+    idle = [
+        f"memory.{key}={value!r}"
+        for key, value in memory.options().items()
+        if key != "num_frame_per_block" and value != defaults[key]
+    ]
+    if type(memory) not in (NAM, MemoryFree):
+        idle.insert(0, f"memory {type(memory).__name__}")
+    if context_timestep != 0:
+        idle.append(f"context_timestep={context_timestep!r}")
+    if idle:
+        warnings.warn(
+            f"{', '.join(idle)} not used: bidirectional attention reads only memory.num_frame_per_block (the chunk "
+            "grid); every frame attends every frame, and no cache is written",
+            IgnoredSettingWarning,
+            stacklevel=3,
+        )
