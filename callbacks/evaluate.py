@@ -107,6 +107,11 @@ def check_args(args: Any) -> None:
             f"--guidance_scale {args.guidance_scale} applies to full-sequence sampling only: add "
             "--full_sequence_steps (a streaming generator samples unguided)"
         )
+    if args.negative_prompt and args.guidance_scale == 1.0:
+        raise ValueError(
+            f"--negative_prompt {args.negative_prompt!r} is the unconditional prompt of guided sampling: add "
+            "--guidance_scale (1, the default, samples unguided)"
+        )
     frame_rate("--video_fps", args.video_fps)
     if args.latent_size is not None:
         for side in args.latent_size:

@@ -118,3 +118,13 @@ def test_guidance_is_refused_for_streaming_evaluation() -> None:
     )
     with pytest.raises(ValueError, match="--guidance_scale"):
         check_args(args)
+
+
+def test_a_negative_prompt_without_guidance_is_refused_by_the_evaluation() -> None:
+    """Unguided sampling (guidance_scale 1) never reads the negative prompt: asking for one is refused."""
+    with pytest.raises(ValueError, match="negative_prompt 'blurry' is the unconditional prompt of guided sampling"):
+        Evaluator(EvalProtocol(), full_sequence_steps=2, negative_prompt="blurry")
+    given = ["--checkpoint", "x", "--out", "y", "--full_sequence_steps", "2", "--negative_prompt", "blurry"]
+    with pytest.raises(ValueError, match="--negative_prompt 'blurry' is the unconditional prompt of guided sampling"):
+        check_args(build_parser().parse_args(given))
+    check_args(build_parser().parse_args([*given, "--guidance_scale", "3"]))  # guided: read

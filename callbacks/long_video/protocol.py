@@ -167,12 +167,18 @@ class Evaluator:
         """full_sequence_steps: generate each narrative with the model as a bidirectional model (a teacher), in
         this many Euler steps over the whole sequence, instead of streaming it (None); then guidance_scale != 1
         guides every step against negative_prompt (classifier-free guidance). Raises ValueError for guidance
-        without full_sequence_steps (a streaming generator samples unguided, as it was distilled)."""
+        without full_sequence_steps (a streaming generator samples unguided, as it was distilled) and for a
+        negative_prompt without guidance (it would not be used)."""
         number("guidance_scale", guidance_scale, low=0)
         if guidance_scale != 1.0 and full_sequence_steps is None:
             raise ValueError(
                 f"guidance_scale {guidance_scale} applies to full-sequence sampling only (set full_sequence_steps): "
                 "the streaming generator samples unguided, as its training distilled the guidance into it"
+            )
+        if negative_prompt and guidance_scale == 1.0:
+            raise ValueError(
+                f"negative_prompt {negative_prompt!r} is the unconditional prompt of guided sampling: set "
+                "guidance_scale (1, the default, samples unguided)"
             )
         self.protocol = protocol
         self.videos = videos
