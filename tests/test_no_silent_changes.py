@@ -121,7 +121,7 @@ def test_generation_refuses_memory_flags_before_loading_models(tmp_path: Path) -
     args = [str(tmp_path / "n.txt"), "--config", str(DEMO), "--output", str(tmp_path / "o"), "--num-frames", "6"]
     with pytest.raises(ValueError, match="--bank-size -4, --record-interval 0: no effect, the memory is off"):
         generate_main([*args, "--memory", "off", "--bank-size", "-4", "--record-interval", "0"])
-    with pytest.raises(ValueError, match="memory.bank_size must be >= 0, got -4"):
+    with pytest.raises(ValueError, match="--bank-size must be >= 0, got -4"):
         generate_main([*args, "--memory", "on", "--bank-size", "-4"])
     with pytest.raises(ValueError, match="--sma-topk 1: no effect, SMA is off"):
         generate_main([*args, "--memory", "on", "--sma-topk", "1"])
