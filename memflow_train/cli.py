@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from memflow_train.checks import IgnoredSettingWarning
 from memflow_train.errors import run_command
 from memflow_train.memory import MemoryPolicy, memory_policy
 from memflow_train.models.loading import deepspeed_client_state, is_deepspeed_checkpoint
@@ -108,6 +109,7 @@ class MemflowCLI(LightningCLI):
         drops it silently when a later --model.init_args.memory switches the class."""
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
+        self._warn_root_dir_the_logger_overrides(config)
         try:
             path = config["model"]["init_args"]["memory"]["class_path"]
             takes = [f.name for f in dataclasses.fields(memory_policy({"class_path": path}))]
@@ -121,6 +123,29 @@ class MemflowCLI(LightningCLI):
                     f"--model.init_args.memory switched the class, it would be dropped); give the policy's options "
                     f"after the switch. Its options: {', '.join(takes)}"
                 )
+
+    def _warn_root_dir_the_logger_overrides(self, config: Any) -> None:
+        """A --trainer.default_root_dir flag does not move a run whose logger has its own save_dir: Lightning
+        writes the logs and checkpoints under the logger's save_dir. Named in an IgnoredSettingWarning."""
+        if not any(re.match(r"--trainer\.default_root_dir(?:=|$)", str(arg)) for arg in self._argv):
+            return
+        try:
+            root, loggers = config["trainer"]["default_root_dir"], config["trainer"]["logger"]
+        except (KeyError, TypeError):
+            return
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            try:
+                save_dir = logger["init_args"]["save_dir"]
+            except (KeyError, TypeError):
+                continue
+            if save_dir is not None and Path(save_dir) != Path(root):
+                warnings.warn(
+                    f"trainer.default_root_dir {root} is not where this run writes: its logger's save_dir "
+                    f"{save_dir} holds the logs and checkpoints; also pass --trainer.logger.init_args.save_dir {root}",
+                    IgnoredSettingWarning,
+                    stacklevel=2,
+                )
+                return
 
     def _parse_ckpt_path(self) -> None:
         """Resume with the configured model settings where they may change, refuse where they may not.

@@ -74,3 +74,22 @@ def test_a_config_of_the_memory_enabled_era_is_told_how_to_select_a_policy(tmp_p
     text = str(exit_.value.code)
     assert "class_path memflow_train.memory.MemoryFree for the old enabled: false" in text
     assert len(text.splitlines()) <= 4 and "Traceback" not in text
+
+
+def test_a_root_dir_flag_the_logger_overrides_is_named() -> None:
+    """demo.yaml's CSVLogger has save_dir outputs/demo: Lightning writes there whatever --trainer.default_root_dir
+    says. Given as a flag, it is named with the fix; given with the logger's save_dir too, nothing is said."""
+    import warnings
+
+    from memflow_train.checks import IgnoredSettingWarning
+    from memflow_train.cli import MemflowCLI
+
+    demo = ["--config", str(Path(__file__).parents[1] / "configs" / "demo.yaml")]
+    message = "trainer.default_root_dir /tmp/u1 is not where this run writes: its logger's save_dir outputs/demo"
+    with pytest.warns(IgnoredSettingWarning, match=message):
+        MemflowCLI(args=[*demo, "--trainer.default_root_dir", "/tmp/u1"], run=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IgnoredSettingWarning)
+        MemflowCLI(args=demo, run=False)
+        both = ["--trainer.default_root_dir=/tmp/u1", "--trainer.logger.init_args.save_dir", "/tmp/u1"]
+        MemflowCLI(args=[*demo, *both], run=False)
