@@ -122,8 +122,8 @@ def test_nam_with_sma_and_a_zero_bank_warns_and_equals_memory_free() -> None:
         zero = NAM(**GEOMETRY, bank_size=0, sma=True, sma_topk=1)
     messages = sorted(str(w.message) for w in record)
     assert messages == [
-        "memory.sma=True is not used: NAM never reads it when bank_size is 0",
-        "memory.sma_topk=1 is not used: NAM never reads it when bank_size is 0",
+        "memory.sma=True is not used: NAM never reads it when bank_size is 0; drop it or change that setting",
+        "memory.sma_topk=1 is not used: NAM never reads it when bank_size is 0; drop it or change that setting",
     ]
     assert torch.equal(_rollout(zero)[0], _rollout(MemoryFree(**GEOMETRY))[0])
 
@@ -143,7 +143,8 @@ def test_an_option_the_other_settings_leave_idle_is_named_unless_it_keeps_its_de
     with pytest.warns(IgnoredSettingWarning) as record:
         policy(**GEOMETRY, **idle)
     assert sorted(str(w.message) for w in record) == sorted(
-        f"memory.{key}={value!r} is not used: {policy.func.__name__} never reads it when {why}"
+        f"memory.{key}={value!r} is not used: {policy.func.__name__} never reads it when {why}; drop it or change that "
+        "setting"
         for key, value in idle.items()
     )
     with warnings.catch_warnings():

@@ -163,7 +163,8 @@ class MemoryPolicy:
         for key, why in self.unused_options().items():
             if getattr(self, key) != defaults.get(key, getattr(self, key)):
                 warnings.warn(
-                    f"memory.{key}={getattr(self, key)!r} is not used: {type(self).__name__} never reads it when {why}",
+                    f"memory.{key}={getattr(self, key)!r} is not used: {type(self).__name__} never reads it when {why}; "
+                    "drop it or change that setting",
                     IgnoredSettingWarning,
                     stacklevel=4,
                 )

@@ -420,7 +420,7 @@ def _warn_unused_by_bidirectional(memory: MemoryPolicy, context_timestep: float)
     if idle:
         warnings.warn(
             f"{', '.join(idle)} not used: bidirectional attention reads only memory.num_frame_per_block (the chunk "
-            "grid); every frame attends every frame, and no cache is written",
+            "grid); every frame attends every frame, and no cache is written; drop them or use attention streaming",
             IgnoredSettingWarning,
             stacklevel=3,
         )

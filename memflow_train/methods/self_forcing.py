@@ -186,7 +186,7 @@ class SelfForcingDMD(LightningModule):
         if guidance_scale == 0 and negative_prompt != WAN_NEGATIVE_PROMPT:
             warnings.warn(
                 f"negative_prompt {negative_prompt!r} is not used: it is the teacher's unconditional prompt, and "
-                "guidance_scale 0 runs no unconditional pass",
+                "guidance_scale 0 runs no unconditional pass; drop it or set guidance_scale above 0",
                 IgnoredSettingWarning,
                 stacklevel=2,
             )

@@ -292,7 +292,7 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
             if value != default and prediction_type != reader:
                 warnings.warn(
                     f"{key}={value!r} is not used: only prediction_type {reader!r} reads it, this network's is "
-                    f"{prediction_type!r}",
+                    f"{prediction_type!r}; drop it or set prediction_type {reader!r}",
                     IgnoredSettingWarning,
                     stacklevel=2,
                 )
