@@ -18,13 +18,13 @@ Every forward returns the flow. With prediction_type "sample" the network predic
 latents and the forward converts them (JiT's x-prediction: a network narrower than its tokens
 cannot reproduce their noise, which a flow prediction must carry). With "preconditioned" the
 network's output is mixed with its input by EDM's preconditioning (Karras et al. 2022): the input
-carries the noise, the network predicts a target of unit variance at every noise level.
+carries the noise, the network predicts a target of unit variance at every noise level. The
+conversions live in memflow_train.models.prediction.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -37,18 +37,13 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTimeTextImageEmbedding
 from torch.utils.checkpoint import checkpoint
 
-from memflow_train.checks import IgnoredSettingWarning, number
 from memflow_train.memory.kv_cache import StreamingKVCache
 from memflow_train.memory.policy import MemoryPolicy
 from memflow_train.memory.relevance import TextKeys
 from memflow_train.memory.window import AttentionWindow
 from memflow_train.models.attention import get_attention_backend, sdpa_attention
+from memflow_train.models.prediction import check_prediction, flow_of_preconditioned, flow_of_sample
 from memflow_train.models.rope import WanRope3D, apply_rotary
-from memflow_train.sampling.flow_matching import NUM_TRAIN_TIMESTEPS
-
-# What the network's output is: the flow (Wan) or the clean sample x0 (forward converts it to the flow).
-# "preconditioned": EDM's skip and output scalings around the network (see _flow_of_preconditioned).
-PREDICTION_TYPES = ("flow_prediction", "sample", "preconditioned")
 
 # attend(q, k, v) -> out for the current call's self-attention, heads-first tensors.
 SelfAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -276,26 +271,7 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
         sigma_data: float | list[float] = 1.0,
     ) -> None:
         super().__init__()
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        number("sample_sigma_floor", sample_sigma_floor, low=0, low_open=True, high=1)
-        if isinstance(sigma_data, (list, tuple)) and len(sigma_data) != (out_channels or in_channels):
-            raise ValueError(
-                f"sigma_data: one value per latent channel ({out_channels or in_channels}), got {len(sigma_data)}"
-            )
-        for value in sigma_data if isinstance(sigma_data, (list, tuple)) else [sigma_data]:
-            number("sigma_data", value, low=0, low_open=True)
-        for key, value, default, reader in (
-            ("sample_sigma_floor", sample_sigma_floor, 0.05, "sample"),
-            ("sigma_data", sigma_data, 1.0, "preconditioned"),
-        ):
-            if value != default and prediction_type != reader:
-                warnings.warn(
-                    f"{key}={value!r} is not used: only prediction_type {reader!r} reads it, this network's is "
-                    f"{prediction_type!r}; drop it or set prediction_type {reader!r}",
-                    IgnoredSettingWarning,
-                    stacklevel=2,
-                )
+        check_prediction(prediction_type, sample_sigma_floor, sigma_data, out_channels or in_channels)
         if image_dim is not None or added_kv_proj_dim is not None or pos_embed_seq_len is not None:
             raise NotImplementedError("image-conditioned Wan (I2V/FLF2V) is not supported: text-to-video only")
         if qk_norm != "rms_norm_across_heads":
@@ -429,49 +405,10 @@ class CausalWanTransformer(ModelMixin, ConfigMixin):
                 on_layer_kv(i, k, v)
         out = self._unpatchify(x, temb, grid)
         if self.config.prediction_type == "sample":
-            return self._flow_of_sample(out, hidden_states, timestep)
+            return flow_of_sample(out, hidden_states, timestep, self.config.sample_sigma_floor)
         if self.config.prediction_type == "preconditioned":
-            return self._flow_of_preconditioned(out, hidden_states, timestep)
+            return flow_of_preconditioned(out, hidden_states, timestep, self.config.sigma_data)
         return out
-
-    @staticmethod
-    def _frame_sigma(timestep: torch.Tensor, batch: int) -> torch.Tensor:
-        """sigma = timestep / NUM_TRAIN_TIMESTEPS as (B, 1, F or 1, 1, 1) from () / (B,) / (B, F)."""
-        sigma = timestep.float() / NUM_TRAIN_TIMESTEPS
-        if sigma.ndim < 2:
-            sigma = sigma.expand(batch) if sigma.ndim == 0 else sigma
-            sigma = sigma[:, None]
-        return sigma[:, None, :, None, None]
-
-    def _flow_of_preconditioned(self, out: torch.Tensor, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """The flow of x0 = c_skip * x_t + c_out * out on the rectified-flow path x_t = (1 - sigma) x0 + sigma n.
-
-        EDM's preconditioning (Karras et al., "Elucidating the Design Space of Diffusion-Based Generative
-        Models", arXiv 2206.00364, Sec. 5 and Table 1) written for this path: with a = 1 - sigma, data std
-        sigma_data (config: one value, or one per channel, the latents' RMS) and D = sqrt(a^2 sigma_data^2 +
-        sigma^2) (the RMS of x_t), c_skip = a sigma_data^2 /
-        D^2 and c_out = sigma sigma_data / D make the network's target (x0 - c_skip x_t) / c_out of unit
-        variance at every sigma. The flow (x_t - x0) / sigma simplifies to
-        ((sigma - a sigma_data^2) x_t - sigma_data D out) / D^2, finite at sigma = 0 (no floor), and
-        x_t - sigma * flow is that x0 exactly. The network's input is x_t unscaled (EDM's c_in is left out, so
-        the streaming cache and every forward see the same input as the other prediction types).
-        out, x_t: (B, C, F, H, W); timestep () / (B,) / (B, F) in [0, NUM_TRAIN_TIMESTEPS]."""
-        sigma = self._frame_sigma(timestep, x_t.shape[0])
-        data = self.config.sigma_data
-        if isinstance(data, (list, tuple)):
-            data = torch.tensor(data, device=x_t.device)[None, :, None, None, None]
-        a = 1 - sigma
-        d2 = a**2 * data**2 + sigma**2
-        flow = ((sigma - a * data**2) * x_t.float() - data * d2.sqrt() * out.float()) / d2
-        return flow.to(out.dtype)
-
-    def _flow_of_sample(self, x0: torch.Tensor, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """The flow (x_t - x0) / sigma of a clean-sample prediction x0 (B, C, F, H, W) at sigma = timestep /
-        NUM_TRAIN_TIMESTEPS (timestep () / (B,) / (B, F)), sigma floored at sample_sigma_floor (JiT, Li & He,
-        "Back to Basics: Let Denoising Generative Models Denoise", arXiv 2511.13720, Sec. 4: x-prediction with
-        a v-loss, t_eps = 0.05). Above the floor, x_t - sigma * flow gives x0 back exactly."""
-        sigma = self._frame_sigma(timestep, x_t.shape[0]).clamp(min=self.config.sample_sigma_floor)
-        return ((x_t.float() - x0.float()) / sigma).to(x0.dtype)
 
     # ----------------------------------------------------------------------------------- forwards
 
